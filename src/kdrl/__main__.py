@@ -1,0 +1,3 @@
+from kdrl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""The typed configuration tree, its YAML loader and its generated reference."""
+
+from kdrl.config.docs import render_markdown
+from kdrl.config.loader import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    validate,
+)
+from kdrl.config.schema import (
+    Config,
+    GRPOConfig,
+    MicroBatchSpec,
+    RolloutConfig,
+    StudentConfig,
+    TeacherConfig,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "GRPOConfig",
+    "MicroBatchSpec",
+    "RolloutConfig",
+    "StudentConfig",
+    "TeacherConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "render_markdown",
+    "validate",
+]
