@@ -6,6 +6,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,14 @@ def test_every_field_has_a_docstring() -> None:
     for info in iter_fields():
         assert docs[info.owner].get(info.name, "").strip(), f"{info.key} has no docstring"
         seen += 1
+
     # Guards against iter_fields silently walking nothing.
-    assert seen == sum(len(dataclasses.fields(cls)) for cls in docs)
+    def count(cls) -> int:  # fields of a block, counting shared sub-blocks at each use
+        hints = typing.get_type_hints(cls)
+        return sum(1 + (count(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else 0)
+                   for f in dataclasses.fields(cls))  # fmt: skip
+
+    assert seen == count(Config)
 
 
 def test_field_docs_are_dedented_attribute_strings() -> None:
@@ -404,8 +411,9 @@ def test_round_trip_special_strings(tmp_path: Path) -> None:
 def test_dump_is_block_style_in_schema_order() -> None:
     text = dump_config(Config())
     top_keys = [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")]
-    assert top_keys == ["seed", "student", "rollout", "teacher", "grpo"]
-    assert "{" not in text
+    assert top_keys == [f.name for f in dataclasses.fields(Config)]
+    assert top_keys[:5] == ["seed", "student", "rollout", "teacher", "grpo"]
+    assert not re.search(r": \{", text)  # block style: no flow mappings
     assert "  mb_spec:\n    max_tokens_per_mb: 16384\n" in text
     assert list(config_to_dict(Config())["teacher"])[:3] == ["path", "dtype", "temperature"]
 

@@ -12,6 +12,9 @@ from typing import Literal
 
 DType = Literal["float32", "bfloat16", "float16"]
 KDEstimator = Literal["pg", "k2", "seed_k1", "forward_kl", "reverse_kl", "jsd"]
+OverlongPolicy = Literal["error", "skip", "truncate_left"]
+LRSchedule = Literal["constant", "linear", "cosine"]
+WandbMode = Literal["off", "offline", "online"]
 
 
 @dataclass
@@ -22,6 +25,8 @@ class StudentConfig:
     """Hugging Face model folder or hub name, loaded with `from_pretrained`."""
     dtype: DType = "float32"
     """Parameter and compute dtype of the student."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
 
 
 @dataclass
@@ -66,6 +71,14 @@ class TeacherConfig:
     `seed_k1` the reference's joint term (zero expected gradient; kept to reproduce it).
     Full-distribution divergences (need teacher logits, full or top-k): `forward_kl`,
     `reverse_kl`, `jsd`. See docs/math.md."""
+    distill_loss_weight_final: float | None = None
+    """KDRL schedule: the distillation weight moves linearly from `distill_loss_weight` to this
+    value over `distill_decay_steps` steps, then stays; null keeps it constant."""
+    distill_decay_steps: int = 0
+    """Length of the linear distillation-weight schedule, in optimizer steps."""
+    kd_correct_weight: float = 1.0
+    """KDRL reward-guided masking: the distillation term of a response whose reward is correct
+    (>= `reward.correct_threshold`) is multiplied by this; 0 drops it, 1 keeps it."""
     kd_discount: float = 0.0
     """Reward-to-go discount of `pg`: 0 is per-token reverse KL, 1 sequence-level reverse KL."""
     kd_eps_clip: float | None = None
@@ -98,6 +111,116 @@ class GRPOConfig:
 
 
 @dataclass
+class DataConfig:
+    """Training prompts: a local JSONL / JSON / Parquet / CSV file or a `datasets` name."""
+
+    path: str = ""
+    """Local file, or a name for `datasets.load_dataset` (e.g. `openai/gsm8k`)."""
+    name: str | None = None
+    """Dataset configuration name for `load_dataset` (e.g. `main` for GSM8K)."""
+    split: str = "train"
+    """Split to read (for a local file, `load_dataset` calls it `train`)."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt text (used when `messages_field` is null)."""
+    messages_field: str | None = None
+    """Field holding chat messages (a list of {role, content}); overrides `prompt_field`."""
+    answer_field: str | None = None
+    """Field holding the reference answer the reward function checks; null for none."""
+    prompt_template: str = "{prompt}"
+    """Python format string wrapped around the prompt text before the chat template."""
+    system_prompt: str | None = None
+    """System message put before the prompt; null for none."""
+    chat_template: bool = True
+    """Render prompts with the tokenizer's chat template (generation prompt added)."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt, in tokens after templating."""
+    overlong_prompt: OverlongPolicy = "error"
+    """What to do with a longer prompt: `error` (names file and row), `skip` (counted and
+    logged) or `truncate_left` (keep its last tokens)."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (deterministically from `seed` and the epoch)."""
+
+
+@dataclass
+class RewardConfig:
+    """The task reward used by GRPO and for accuracy."""
+
+    fn: str = "none"
+    """Reward function: `none`, `gsm8k`, `math`, `exact_match`, or `package.module:function`
+    called as `fn(completion: str, answer: str | None) -> float`."""
+    correct_threshold: float = 1.0
+    """A response counts as correct (accuracy, reward-guided masking) when reward >= this."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-6
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup from 0, in optimizer steps."""
+    lr_schedule: LRSchedule = "constant"
+    """Decay after warmup, down to `min_lr_ratio * lr` at the last step."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of `lr` (linear and cosine schedules)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    """Run length, batching, checkpoints and logging."""
+
+    output_dir: str = "runs/kdrl"
+    """Run directory: resolved config, metrics, TensorBoard logs, checkpoints."""
+    batch_size: int = 8
+    """Prompts per step (the step samples `batch_size * rollout.n_samples` responses)."""
+    epochs: int = 1
+    """Passes over the prompts; the run stops at whichever of `epochs`, `max_steps` ends first."""
+    max_steps: int = 0
+    """Stop after this many steps; 0 means no limit (epochs decide)."""
+    ppo_n_minibatches: int = 1
+    """Optimizer steps per rollout batch (each on an equal share of the sequences)."""
+    mb_spec: MicroBatchSpec = field(default_factory=MicroBatchSpec)
+    """Micro-batching of the student's forward and backward passes (gradient accumulation)."""
+    save_every_steps: int = 0
+    """Checkpoint every this many steps; 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept; older ones are deleted once a new one is complete."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under `output_dir/tensorboard`."""
+    wandb: WandbMode = "off"
+    """Weights & Biases logging: `off`, `offline` (no network) or `online`."""
+    threads: int = 0
+    """torch CPU threads; 0 leaves torch's default."""
+
+
+@dataclass
+class EvalConfig:
+    """Periodic and `kdrl eval` evaluation on held-out prompts (same fields as `data`)."""
+
+    path: str = ""
+    """Held-out prompts (local file or `datasets` name); empty disables evaluation."""
+    split: str = "test"
+    """Split of `path` to read."""
+    every_steps: int = 0
+    """Evaluate every this many steps during training; 0 only at the start and the end."""
+    max_prompts: int = 0
+    """Evaluate on the first this many prompts; 0 means all."""
+    temperature: float = 0.0
+    """Sampling temperature for evaluation answers; 0 is greedy."""
+
+
+@dataclass
 class Config:
     """A kdrl run."""
 
@@ -111,3 +234,13 @@ class Config:
     """The teacher and the distillation loss."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """The RL loss."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The task reward."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training prompts."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Run length, batching, checkpoints and logging."""
