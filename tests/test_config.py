@@ -479,3 +479,186 @@ def test_subprocess_bad_key(tmp_path: Path) -> None:
         f"kdrl: error: unknown key 'teacher.distil_loss_weight' in {path}; "
         "did you mean 'teacher.distill_loss_weight'?\n"
     )
+
+
+# --- ranges of the training-loop blocks ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.max_prompt_tokens=0"], "data.max_prompt_tokens must be >= 1, got 0"),
+        (["optim.lr=0"], "optim.lr must be > 0, got 0.0"),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
+        (["optim.beta1=-0.1"], "optim.beta1 must be in \\[0, 1\\), got -0.1"),
+        (["optim.beta1=1"], "optim.beta1 must be in \\[0, 1\\)"),
+        (["optim.beta2=1"], "optim.beta2 must be in \\[0, 1\\)"),
+        (["optim.eps=0"], "optim.eps must be > 0"),
+        (["optim.warmup_steps=-1"], "optim.warmup_steps must be >= 0"),
+        (["optim.min_lr_ratio=-0.1"], "optim.min_lr_ratio must be in \\[0, 1\\]"),
+        (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio must be in \\[0, 1\\]"),
+        (["optim.max_grad_norm=-1"], "optim.max_grad_norm must be >= 0"),
+        (["optim.lr=.nan"], "optim.lr must be finite"),
+        (["train.batch_size=0"], "train.batch_size must be >= 1"),
+        (["train.epochs=0"], "train.epochs must be >= 1"),
+        (["train.max_steps=-1"], "train.max_steps must be >= 0"),
+        (["train.ppo_n_minibatches=0"], "train.ppo_n_minibatches must be >= 1"),
+        (["train.mb_spec.max_tokens_per_mb=0"], "train.mb_spec.max_tokens_per_mb must be >= 1"),
+        (["train.save_every_steps=-1"], "train.save_every_steps must be >= 0"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints must be >= 1"),
+        (["train.threads=-1"], "train.threads must be >= 0"),
+        (["eval.every_steps=-1"], "eval.every_steps must be >= 0"),
+        (["eval.max_prompts=-1"], "eval.max_prompts must be >= 0"),
+        (["eval.temperature=-0.5"], "eval.temperature must be >= 0"),
+        (
+            ["teacher.distill_loss_weight_final=-0.1", "teacher.distill_decay_steps=10"],
+            "teacher.distill_loss_weight_final must be >= 0 or null, got -0.1",
+        ),
+        (["teacher.distill_decay_steps=-1"], "teacher.distill_decay_steps must be >= 0"),
+        (["teacher.kd_correct_weight=-0.5"], "teacher.kd_correct_weight must be >= 0"),
+        (["teacher.kd_correct_weight=.inf"], "teacher.kd_correct_weight must be finite"),
+        (["teacher.distill_loss_weight_final=.nan"], "distill_loss_weight_final must be finite"),
+    ],
+)
+def test_validate_rejects_loop_block_ranges(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.ppo_n_minibatches=33"],  # default 8 prompts * 4 samples = 32 sequences
+            "train.ppo_n_minibatches must be <= train.batch_size \\* rollout.n_samples = 32 "
+            "\\(each minibatch needs at least one sequence\\), got 33",
+        ),
+        (
+            ["train.batch_size=3", "rollout.n_samples=2", "train.ppo_n_minibatches=7"],
+            "train.batch_size \\* rollout.n_samples = 6 .*, got 7",
+        ),
+        (
+            ["teacher.distill_loss_weight_final=0"],
+            "teacher.distill_decay_steps must be > 0 when teacher.distill_loss_weight_final is "
+            "set \\(the schedule needs a length\\)",
+        ),
+        (
+            ["teacher.kd_estimator=forward_kl", "teacher.kd_discount=0.5"],
+            "teacher.kd_discount must be 0 when teacher.kd_estimator is 'forward_kl' "
+            "\\(a full-distribution divergence, not a policy-gradient estimator\\), got 0.5",
+        ),
+        (
+            ["teacher.kd_estimator=reverse_kl", "teacher.kd_discount=1"],
+            "teacher.kd_discount must be 0 when teacher.kd_estimator is 'reverse_kl'",
+        ),
+        (
+            ["teacher.kd_estimator=jsd", "teacher.kd_eps_clip=0.2"],
+            "teacher.kd_eps_clip must be null when teacher.kd_estimator is 'jsd' .*got 0.2",
+        ),
+        (
+            ["teacher.kd_estimator=reverse_kl", "teacher.kd_eps_clip=0.2"],
+            "teacher.kd_eps_clip must be null when teacher.kd_estimator is 'reverse_kl'",
+        ),
+        (
+            ["data.path=train.jsonl"],  # defaults: GRPO weight 1 and reward.fn none
+            "reward.fn is 'none' but teacher.rl_loss_weight is 1.0: GRPO needs a task reward "
+            ".*reward.fn=gsm8k.* or teacher.rl_loss_weight=0",
+        ),
+        (
+            ["data.path=train.jsonl", "teacher.rl_loss_weight=1e-3", "reward.fn=none"],
+            "reward.fn is 'none' but teacher.rl_loss_weight is 0.001",
+        ),
+        (
+            ["data.path=train.jsonl", "reward.fn=gsm8k"],  # default distill weight, no teacher
+            "teacher.path is empty but teacher.distill_loss_weight is 0.005",
+        ),
+    ],
+)
+def test_validate_rejects_combinations(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("Solve:", "data.prompt_template must contain a field such as {prompt}"),
+        ("", "data.prompt_template must contain a field"),
+        ("{{prompt}}", "must contain a field"),  # escaped braces are literal text
+        ("{prompt", "data.prompt_template is not a valid format string .*expected '}'"),
+        ("Q} {prompt}", "data.prompt_template is not a valid format string .*Single '}'"),
+        ("{}", "data.prompt_template fields are filled by name .*positional field {}"),
+        ("{prompt} {0}", "positional field {0}"),
+        ("{prompt!x}", "data.prompt_template has an unknown conversion '!x'"),
+    ],
+)
+def test_validate_rejects_prompt_template(template: str, message: str) -> None:
+    cfg = Config()
+    cfg.data.prompt_template = template  # set in code: no YAML quoting in the way
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(cfg)
+    assert repr(template) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.max_prompt_tokens=1", "data.prompt_template='Q: {question}\n{prompt}'"],
+        ["data.prompt_template='{{literal}} {prompt!r:>10}'"],
+        ["data.path=train.jsonl", "reward.fn=gsm8k", "teacher.path=t"],
+        ["data.path=train.jsonl", "teacher.rl_loss_weight=0", "teacher.path=t"],  # pure KD
+        ["data.path=train.jsonl", "reward.fn=gsm8k", "teacher.distill_loss_weight=0"],  # pure RL
+        [
+            "optim.beta1=0",
+            "optim.beta2=0.999999",
+            "optim.weight_decay=0",
+            "optim.warmup_steps=0",
+            "optim.min_lr_ratio=1",
+            "optim.max_grad_norm=0",
+        ],
+        ["optim.min_lr_ratio=0", "optim.eps=1e-12", "optim.lr=1e-9"],
+        ["train.ppo_n_minibatches=32"],  # one sequence per minibatch
+        [
+            "train.batch_size=1",
+            "rollout.n_samples=1",
+            "train.epochs=1",
+            "train.max_steps=0",
+            "train.save_every_steps=0",
+            "train.keep_checkpoints=1",
+            "train.threads=0",
+            "train.mb_spec.max_tokens_per_mb=1",
+        ],
+        ["eval.temperature=0", "eval.every_steps=0", "eval.max_prompts=0"],
+        ["teacher.distill_loss_weight_final=0", "teacher.distill_decay_steps=1"],
+        ["teacher.distill_decay_steps=0", "teacher.kd_correct_weight=0"],
+        ["teacher.kd_correct_weight=2.5"],  # above 1 up-weights correct answers: allowed
+        ["teacher.kd_estimator=jsd", "teacher.top_k=8", "teacher.jsd_beta=0.1"],
+        ["teacher.kd_estimator=forward_kl"],
+        ["teacher.kd_estimator=pg", "teacher.kd_discount=1", "teacher.kd_eps_clip=0.2"],
+    ],
+)
+def test_validate_accepts_loop_block_boundaries(overrides: list[str]) -> None:
+    validate(load_config(None, overrides))
+
+
+def test_every_numeric_field_has_a_range_or_is_deliberately_unbounded() -> None:
+    from kdrl.config.validate import _RANGES
+
+    unbounded = {"seed", "grpo.reward_scaling", "grpo.reward_bias", "reward.correct_threshold"}
+    numeric = {
+        info.key for info in iter_fields() if info.type in (int, float, int | None, float | None)
+    }
+    assert set(_RANGES) <= numeric  # a key typo in the table would also fail validate()
+    assert numeric - set(_RANGES) == unbounded
+
+
+def test_validate_and_config_error_still_import_from_the_loader() -> None:
+    import importlib
+
+    from kdrl.config import loader
+
+    # `kdrl.config.validate` as an attribute is the function (the package re-exports it over
+    # the submodule's name), so fetch the module itself.
+    module = importlib.import_module("kdrl.config.validate")
+    assert loader.validate is module.validate is validate
+    assert loader.ConfigError is module.ConfigError is ConfigError

@@ -182,7 +182,7 @@ def test_pure_kd_and_pure_rl_weights():
         kdrl_loss(
             lp, lp, teacher, adv_bt, mask, rl_loss_weight=0.0, distill_loss_weight=0.0, **common
         )
-    with pytest.raises(ValueError, match="unknown sampled-token"):
+    with pytest.raises(ValueError, match="unknown kd_estimator"):
         kdrl_loss(lp, lp, teacher, adv_bt, mask, rl_loss_weight=1.0, distill_loss_weight=1.0,
                   kd_estimator="k3", num_tokens=1.0)  # fmt: skip
     with pytest.raises(ValueError, match="discount"):

@@ -1,13 +1,18 @@
 """The `kdrl` command line.
 
 A subcommand is one ``_add_<name>`` function that declares its arguments and sets ``func`` to
-the function that runs it, plus one entry in `_COMMANDS`. `main` dispatches and turns a
-`ConfigError` into a one-line message with exit code 2 (the code argparse uses for usage errors).
+the function that runs it, plus one entry in `_COMMANDS`. `main` dispatches and turns a user
+error (`ValueError`: config, data, paths) into a one-line message with exit code 2, and kdrl's
+own runtime errors (a reward function that raised, a non-finite loss) into exit code 1.
+``KDRL_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +44,72 @@ def _run_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML config file")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="dotted override read as YAML, e.g. teacher.distill_loss_weight=0.01",
+    )  # fmt: skip
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in train.output_dir from its newest complete checkpoint",
+    )  # fmt: skip
+    parser.add_argument(
+        "--force", action="store_true",
+        help="with --resume: accept a config that differs from the saved one",
+    )  # fmt: skip
+    parser.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from kdrl.train import train  # heavy imports only for the commands that need them
+
+    _setup_logging()
+    final = train(load_config(args.config, args.overrides), resume=args.resume, force=args.force)
+    print(f"final model: {final}")
+    return 0
+
+
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument(
+        "--model", required=True, metavar="DIR",
+        help="student to evaluate: a checkpoint folder or any Hugging Face model folder/name",
+    )  # fmt: skip
+    parser.add_argument("--output", type=Path, metavar="FILE", help="also write metrics as JSON")
+    parser.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from kdrl.evaluate import evaluate_model
+
+    _setup_logging()
+    metrics = evaluate_model(load_config(args.config, args.overrides), args.model)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 # name -> (one-line help, function that declares the arguments)
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "train": (
+        "train a student: on-policy distillation, GRPO, or both (KDRL)",
+        _add_train,
+    ),
+    "eval": (
+        "accuracy and reverse KL to the teacher on held-out prompts, for any saved model",
+        _add_eval,
+    ),
     "config": (
         "print the resolved, validated config (file, then overrides in order) as YAML",
         _add_config,
@@ -64,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except ValueError as err:  # bad input: config, data, model paths, run directory
+        if os.environ.get("KDRL_DEBUG"):
+            raise
         print(f"kdrl: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a run that cannot go on (reward raised, non-finite loss, ...)
+        if os.environ.get("KDRL_DEBUG") or type(err).__module__.split(".")[0] != "kdrl":
+            raise
+        print(f"kdrl: error: {err}", file=sys.stderr)
+        return 1

@@ -14,6 +14,8 @@ Top-k: when the teacher gives only its ``K`` most likely ids, both distributions
 ``K + 1`` outcomes, the ``K`` ids and one tail bucket holding the rest of the mass. With
 ``K = V`` this is the full divergence.
 
+Optional per-position ``weights`` (reward-guided masking) multiply each divergence.
+
 Rows are processed ``C`` at a time under activation checkpointing, so no float32 ``[N, V]``
 temporary exists in the forward or the backward pass beyond the inputs themselves.
 """
@@ -90,18 +92,22 @@ def _topk_chunk(s_CV: Tensor, t_CK: Tensor, ids_CK: Tensor, valid_C: Tensor, s_t
     return torch.where(valid_C, divergence(t_CK, s_CK, kind=kind, beta=beta), 0.0)
 
 
-def _chunked_sum(fn, tensors: list[Tensor], v: int, chunk_rows: int | None) -> Tensor:
+def _chunked_sum(
+    fn, tensors: list[Tensor], v: int, chunk_rows: int | None, weights: Tensor | None
+) -> Tensor:
     rows = chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // v)
     lead = tensors[-1].shape  # the mask: every input shares its leading dims
     tensors = [x.reshape(lead.numel(), *x.shape[len(lead) :]) for x in tensors]
     n = lead.numel()
+    w = None if weights is None else weights.detach().reshape(n)
     total = tensors[0].new_zeros((), dtype=_compute_dtype(tensors[0].dtype))
     for s in range(0, n, rows):
         parts = [x[s : s + rows] for x in tensors]
         if torch.is_grad_enabled() and tensors[0].requires_grad:
-            total = total + checkpoint(fn, *parts, use_reentrant=False).sum()
+            d = checkpoint(fn, *parts, use_reentrant=False)
         else:
-            total = total + fn(*parts).sum()
+            d = fn(*parts)
+        total = total + (d if w is None else d * w[s : s + rows]).sum()
     return total
 
 
@@ -115,6 +121,7 @@ def full_divergence_loss(
     student_temperature: float,
     teacher_temperature: float,
     num_tokens: float,
+    weights: Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> Tensor:
     """``sum_valid D(P_T, Q) / num_tokens`` with full teacher logits ``[..., V]`` and a mask of
@@ -132,7 +139,7 @@ def full_divergence_loss(
     def fn(s, t, m):
         return _full_chunk(s, t, m, student_temperature, teacher_temperature, kind, beta)
 
-    total = _chunked_sum(fn, [student_logits_NV, teacher_NV, mask_N], v, chunk_rows)
+    total = _chunked_sum(fn, [student_logits_NV, teacher_NV, mask_N], v, chunk_rows, weights)
     return total / num_tokens
 
 
@@ -146,6 +153,7 @@ def topk_divergence_loss(
     beta: float = 0.5,
     student_temperature: float,
     num_tokens: float,
+    weights: Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> Tensor:
     """``sum_valid D / num_tokens`` over the teacher's top-k ids plus a tail bucket. The teacher's
@@ -158,4 +166,4 @@ def topk_divergence_loss(
         return _topk_chunk(s, t, i, m, student_temperature, kind, beta)
 
     tensors = [student_logits_NV, teacher_topk_logprobs_NK.detach(), ids_NK, mask_N]
-    return _chunked_sum(fn, tensors, v, chunk_rows) / num_tokens
+    return _chunked_sum(fn, tensors, v, chunk_rows, weights) / num_tokens

@@ -5,7 +5,8 @@ Shape legend: ``B`` sequences, ``T`` token positions. Inputs, aligned position b
 those of the policy that sampled them (no gradient; equal to ``logprobs_BT`` when on-policy),
 ``teacher_logprobs_BT`` the teacher's (no gradient; may be ``-inf`` at masked positions).
 
-Each estimator returns ``(loss, metrics)`` with loss ``= sum_valid(l_t) / num_tokens``. Writing
+Each estimator returns ``(loss, metrics)`` with loss ``= sum_valid(w_t l_t) / num_tokens``, ``w``
+optional per-token weights (1 when not given). Writing
 ``r_t = log p_T(x_t|h_t) - log q(x_t|h_t)`` (the per-token reward of reverse KL), the exact
 expected gradients, derived in docs/math.md and checked by enumeration in tests/, are:
 
@@ -49,7 +50,12 @@ def reward_to_go(rewards_BT: Tensor, mask_BT: Tensor, *, discount: float) -> Ten
     return out_BT
 
 
-def _kd_metrics(log_ratio_BT: Tensor, mask_BT: Tensor, num_tokens: float) -> KDMetrics:
+def _weighted(loss_BT: Tensor, weights_BT: Tensor | None) -> Tensor:
+    # Per-token weights (reward-guided masking): 0 drops a token's term, 1 keeps it.
+    return loss_BT if weights_BT is None else loss_BT * weights_BT.detach()
+
+
+def kd_metrics(log_ratio_BT: Tensor, mask_BT: Tensor, num_tokens: float) -> KDMetrics:
     # k1 = log q - log p_T is an unbiased per-token sample of the reverse KL; k3 = e^{-k1}-1+k1
     # is its low-variance, always non-negative companion (Schulman, "Approximating KL").
     with torch.no_grad():
@@ -69,6 +75,7 @@ def kd_pg_loss(
     *,
     discount: float = 0.0,
     eps_clip: float | None = None,
+    weights_BT: Tensor | None = None,
     num_tokens: float,
 ) -> tuple[Tensor, KDMetrics]:
     """Importance-sampled reverse-KL policy gradient (``pg``); see the module docstring."""
@@ -80,8 +87,8 @@ def kd_pg_loss(
     if eps_clip is not None:
         clipped_BT = -adv_BT * ratio_BT.clamp(1.0 - eps_clip, 1.0 + eps_clip)
         loss_BT = torch.maximum(loss_BT, clipped_BT)
-    loss = masked_sum(loss_BT, mask_BT) / num_tokens
-    return loss, {"loss/kd": loss.item(), **_kd_metrics(log_ratio_BT, mask_BT, num_tokens)}
+    loss = masked_sum(_weighted(loss_BT, weights_BT), mask_BT) / num_tokens
+    return loss, {"loss/kd": loss.item(), **kd_metrics(log_ratio_BT, mask_BT, num_tokens)}
 
 
 def kd_k2_loss(
@@ -92,6 +99,7 @@ def kd_k2_loss(
     *,
     discount: float = 0.0,
     eps_clip: float | None = None,
+    weights_BT: Tensor | None = None,
     num_tokens: float,
 ) -> tuple[Tensor, KDMetrics]:
     """Squared log-ratio as a loss (``k2``), importance-weighted by the detached ratio so that
@@ -101,8 +109,9 @@ def kd_k2_loss(
         raise ValueError(f"k2 is a per-token estimator: discount must be 0, got {discount}")
     log_ratio_BT = where_valid(logprobs_BT - teacher_logprobs_BT.detach(), mask_BT)
     weight_BT = torch.exp(where_valid(logprobs_BT - behav_logprobs_BT, mask_BT).detach())
-    loss = masked_sum(0.5 * weight_BT * log_ratio_BT.square(), mask_BT) / num_tokens
-    return loss, {"loss/kd": loss.item(), **_kd_metrics(log_ratio_BT.detach(), mask_BT, num_tokens)}
+    loss_BT = _weighted(0.5 * weight_BT * log_ratio_BT.square(), weights_BT)
+    loss = masked_sum(loss_BT, mask_BT) / num_tokens
+    return loss, {"loss/kd": loss.item(), **kd_metrics(log_ratio_BT.detach(), mask_BT, num_tokens)}
 
 
 def kd_seed_k1_loss(
@@ -113,6 +122,7 @@ def kd_seed_k1_loss(
     *,
     discount: float = 0.0,
     eps_clip: float | None = None,
+    weights_BT: Tensor | None = None,
     num_tokens: float,
 ) -> tuple[Tensor, KDMetrics]:
     """The reference's joint-loss term ``mean(log q - log p_T)``; zero expected gradient."""
@@ -120,8 +130,8 @@ def kd_seed_k1_loss(
     if discount != 0.0:
         raise ValueError(f"seed_k1 is a per-token term: discount must be 0, got {discount}")
     log_ratio_BT = where_valid(logprobs_BT - teacher_logprobs_BT.detach(), mask_BT)
-    loss = masked_sum(log_ratio_BT, mask_BT) / num_tokens
-    return loss, {"loss/kd": loss.item(), **_kd_metrics(log_ratio_BT.detach(), mask_BT, num_tokens)}
+    loss = masked_sum(_weighted(log_ratio_BT, weights_BT), mask_BT) / num_tokens
+    return loss, {"loss/kd": loss.item(), **kd_metrics(log_ratio_BT.detach(), mask_BT, num_tokens)}
 
 
 SampledKDLoss = Callable[..., tuple[Tensor, KDMetrics]]

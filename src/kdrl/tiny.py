@@ -87,3 +87,32 @@ def save_tiny(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def fit_tiny(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Supervised next-token training of ``model`` on ``texts`` (each ended with EOS), full
+    batch; returns the loss per step. Makes a tiny teacher with something worth distilling."""
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token
+    enc = tokenizer([t + eos for t in texts], add_special_tokens=False, padding=True,
+                    return_tensors="pt")  # fmt: skip
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses

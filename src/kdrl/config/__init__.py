@@ -1,14 +1,7 @@
 """The typed configuration tree, its YAML loader and its generated reference."""
 
 from kdrl.config.docs import render_markdown
-from kdrl.config.loader import (
-    ConfigError,
-    config_from_dict,
-    config_to_dict,
-    dump_config,
-    load_config,
-    validate,
-)
+from kdrl.config.loader import config_from_dict, config_to_dict, dump_config, load_config
 from kdrl.config.schema import (
     Config,
     GRPOConfig,
@@ -17,6 +10,7 @@ from kdrl.config.schema import (
     StudentConfig,
     TeacherConfig,
 )
+from kdrl.config.validate import ConfigError, validate
 
 __all__ = [
     "Config",

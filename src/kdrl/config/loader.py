@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import types
 import typing
@@ -21,11 +20,7 @@ import yaml
 
 from kdrl.config.docs import describe_type, field_types, iter_fields
 from kdrl.config.schema import Config
-
-
-class ConfigError(ValueError):
-    """A mistake in a config file or override: the CLI prints it without a traceback."""
-
+from kdrl.config.validate import ConfigError, validate
 
 # --- YAML dialect ------------------------------------------------------------------------------
 
@@ -219,57 +214,6 @@ def _type_error(key: str, tp: Any, value: Any, source: str) -> ConfigError:
     if close:
         message += f"; did you mean {close[0]!r}?"
     return ConfigError(message)
-
-
-# --- Ranges ------------------------------------------------------------------------------------
-
-
-def validate(cfg: Config) -> None:
-    """Check what types cannot express (ranges, combinations); errors name the key."""
-    for info in iter_fields():
-        if info.type is float or info.type == float | None:
-            value = _get(cfg, info.key)
-            _check(info.key, value, value is None or math.isfinite(value), "finite")
-    t, r, g = cfg.teacher, cfg.rollout, cfg.grpo
-    _check("rollout.n_samples", r.n_samples, r.n_samples >= 1, ">= 1")
-    _check("rollout.temperature", r.temperature, r.temperature > 0, "> 0")
-    _check("rollout.top_p", r.top_p, 0 < r.top_p <= 1, "in (0, 1]")
-    _check("rollout.max_new_tokens", r.max_new_tokens, r.max_new_tokens >= 1, ">= 1")
-    _check("teacher.temperature", t.temperature, t.temperature > 0, "> 0")
-    _check("teacher.rl_loss_weight", t.rl_loss_weight, t.rl_loss_weight >= 0, ">= 0")
-    _check("teacher.distill_loss_weight", t.distill_loss_weight, t.distill_loss_weight >= 0, ">= 0")
-    if t.rl_loss_weight == 0 and t.distill_loss_weight == 0:
-        raise ConfigError(
-            "teacher.rl_loss_weight and teacher.distill_loss_weight are both 0: nothing to train"
-        )
-    _check("teacher.kd_discount", t.kd_discount, 0 <= t.kd_discount <= 1, "in [0, 1]")
-    if t.kd_estimator in ("k2", "seed_k1") and t.kd_discount != 0:
-        raise ConfigError(
-            f"teacher.kd_discount must be 0 when teacher.kd_estimator is {t.kd_estimator!r} "
-            f"(its per-token form has no discount), got {t.kd_discount!r}"
-        )
-    eps = t.kd_eps_clip
-    _check("teacher.kd_eps_clip", eps, eps is None or eps > 0, "> 0 or null")
-    _check("teacher.jsd_beta", t.jsd_beta, 0 <= t.jsd_beta <= 1, "in [0, 1]")
-    _check("teacher.top_k", t.top_k, t.top_k is None or t.top_k >= 1, ">= 1 or null")
-    mb = t.mb_spec.max_tokens_per_mb
-    _check("teacher.mb_spec.max_tokens_per_mb", mb, mb >= 1, ">= 1")
-    _check("grpo.eps_clip", g.eps_clip, g.eps_clip > 0, "> 0")
-    higher = g.eps_clip_higher
-    _check("grpo.eps_clip_higher", higher, higher is None or higher > 0, "> 0 or null")
-    _check("grpo.c_clip", g.c_clip, g.c_clip is None or g.c_clip > 1, "> 1 or null")
-
-
-def _check(key: str, value: Any, ok: bool, requirement: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} must be {requirement}, got {value!r}")
-
-
-def _get(cfg: Config, key: str) -> Any:
-    value: Any = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
 
 
 # --- Back to YAML ------------------------------------------------------------------------------

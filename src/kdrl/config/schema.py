@@ -119,7 +119,7 @@ class DataConfig:
     name: str | None = None
     """Dataset configuration name for `load_dataset` (e.g. `main` for GSM8K)."""
     split: str = "train"
-    """Split to read (for a local file, `load_dataset` calls it `train`)."""
+    """Split to read from a `datasets` name; ignored for a local file."""
     prompt_field: str = "prompt"
     """Field holding the prompt text (used when `messages_field` is null)."""
     messages_field: str | None = None
@@ -127,7 +127,8 @@ class DataConfig:
     answer_field: str | None = None
     """Field holding the reference answer the reward function checks; null for none."""
     prompt_template: str = "{prompt}"
-    """Python format string wrapped around the prompt text before the chat template."""
+    """Python format string for the user message: `{prompt}` is the `prompt_field` text, and any
+    other field of the row can be used by name (e.g. `Q: {question}`)."""
     system_prompt: str | None = None
     """System message put before the prompt; null for none."""
     chat_template: bool = True
@@ -147,7 +148,8 @@ class RewardConfig:
 
     fn: str = "none"
     """Reward function: `none`, `gsm8k`, `math`, `exact_match`, or `package.module:function`
-    called as `fn(completion: str, answer: str | None) -> float`."""
+    called as `fn(completion: str, answer: str | None) -> float`. `none` is for pure
+    distillation: with `teacher.rl_loss_weight` > 0, GRPO needs a reward."""
     correct_threshold: float = 1.0
     """A response counts as correct (accuracy, reward-guided masking) when reward >= this."""
 

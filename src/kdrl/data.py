@@ -1,0 +1,400 @@
+"""Prompts: read a file or a `datasets` dataset, render each row, apply the length policy.
+
+`load_prompts` turns the rows of a JSONL / JSON / Parquet / CSV file, or of a `load_dataset`
+name or folder, into `Prompt`s. `PromptSampler` decides, deterministically and resumably, which
+prompts each training step sees.
+
+Errors in the data are `DataError`s naming the file, the row (``line N`` for JSON lines and CSV,
+``row N`` otherwise, both 1-based) and the field; errors in how `data.*` keys combine are
+`ConfigError`s naming the keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import re
+import string
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdrl.config.schema import DataConfig
+from kdrl.config.validate import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+Row = tuple[str, dict[str, Any]]  # (where the row is, e.g. "line 3"; its fields)
+
+
+class DataError(ValueError):
+    """A problem with the prompt data itself (file, row, field), not with the config keys."""
+
+
+@dataclass
+class Prompt:
+    """One rendered prompt: ``index`` is its 0-based row in the source; ``text`` the full prompt
+    string (chat template applied when `data.chat_template`) and ``ids`` its tokens, which are
+    what the model is given; ``answer`` the reference for the reward (None without
+    `data.answer_field`); ``truncated`` whether `truncate_left` cut it."""
+
+    index: int
+    text: str
+    ids: list[int]
+    answer: str | None
+    truncated: bool
+
+
+@dataclass
+class PromptSet:
+    """The prompts of ``source`` (the file or dataset as error messages name it), the number of
+    rows it has, and how many of them `overlong_prompt: skip` dropped."""
+
+    prompts: list[Prompt]
+    source: str
+    n_rows: int
+    n_skipped: int
+
+
+def load_prompts(
+    cfg: DataConfig,
+    tokenizer: Any,
+    *,
+    path: str | None = None,
+    split: str | None = None,
+    limit: int = 0,
+) -> PromptSet:
+    """Read and render the prompts of ``path`` (default ``cfg.path``) and ``split`` (default
+    ``cfg.split``; ignored for a local file). ``limit > 0`` keeps the first ``limit`` prompts."""
+    path = cfg.path if path is None else path
+    split = cfg.split if split is None else split
+    if not path:
+        raise ConfigError("data.path is empty: name a prompt file or a `datasets` dataset")
+    template_fields = _check_data_config(cfg, tokenizer)
+    source, n_rows, rows = _read_rows(path, cfg.name, split)
+    if n_rows == 0:
+        raise DataError(f"{source} has no rows")
+    prompts: list[Prompt] = []
+    n_skipped = 0
+    limit_key = f"data.max_prompt_tokens={cfg.max_prompt_tokens}"
+    for index, (where, fields) in enumerate(rows):
+        at = f"{source} {where}"
+        if not isinstance(fields, dict):
+            raise DataError(f"{at}: expected an object, got {type(fields).__name__}")
+        text, add_special = _render(cfg, tokenizer, fields, template_fields, at)
+        answer = _answer(cfg, fields, at)  # checked before skipping, so no bad row goes unseen
+        ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        truncated = len(ids) > cfg.max_prompt_tokens
+        if truncated and cfg.overlong_prompt == "error":
+            raise DataError(
+                f"{at}: the prompt is {len(ids)} tokens, longer than {limit_key}; raise it, or "
+                "set data.overlong_prompt to skip or truncate_left"
+            )
+        if truncated and cfg.overlong_prompt == "skip":
+            n_skipped += 1
+            continue
+        if truncated:
+            ids = ids[-cfg.max_prompt_tokens :]
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+        prompts.append(Prompt(index, text, ids, answer, truncated))
+        if len(prompts) == limit:
+            break
+    if n_skipped:
+        logger.warning(f"{source}: skipped {n_skipped} prompts longer than {limit_key}")
+    if not prompts:
+        raise DataError(f"{source}: every prompt is longer than {limit_key}, none is left")
+    return PromptSet(prompts, source, n_rows, n_skipped)
+
+
+def _check_data_config(cfg: DataConfig, tokenizer: Any) -> set[str]:
+    """Reject `data.*` combinations that cannot render; return the template's field names."""
+    # Ranges and literals are checked by `kdrl.config.validate`; these rules tie keys together.
+    for key in ("messages_field", "system_prompt"):
+        # Roles only exist through a chat template; plain text cannot place them.
+        if not cfg.chat_template and getattr(cfg, key) is not None:
+            raise ConfigError(
+                f"data.{key} needs data.chat_template=true (put fixed text in "
+                f"data.prompt_template instead), got {getattr(cfg, key)!r}"
+            )
+    if cfg.messages_field is not None and cfg.prompt_template != "{prompt}":
+        raise ConfigError(
+            "data.prompt_template wraps data.prompt_field and must stay '{prompt}' when "
+            f"data.messages_field is set, got {cfg.prompt_template!r}"
+        )
+    if cfg.chat_template and getattr(tokenizer, "chat_template", None) is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ConfigError(
+            f"tokenizer {name!r} has no chat template but data.chat_template is true; set "
+            "data.chat_template=false to give the model the formatted prompt as plain text"
+        )
+    names = {name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template) if name}
+    # `{a.b}` and `{a[0]}` read the row field `a`.
+    return {re.split(r"[.\[]", name, maxsplit=1)[0] for name in names}
+
+
+def _read_rows(path: str, name: str | None, split: str) -> tuple[str, int, Iterable[Row]]:
+    """(source, number of rows, rows) of a local file, or of `datasets.load_dataset`."""
+    file = Path(path).expanduser()
+    suffix = file.suffix.lower()
+    if file.is_file():
+        if suffix not in _READERS:
+            raise DataError(f"{path}: unknown file type {suffix!r}; use one of {list(_READERS)}")
+        rows = _READERS[suffix](file)
+        return path, len(rows), rows
+    if not file.is_dir() and (suffix in _READERS or path.startswith(("/", ".", "~"))):
+        raise DataError(f"prompt file {path} does not exist")
+    return _read_dataset(path, name, split)
+
+
+def _read_jsonl(file: Path) -> list[Row]:
+    rows = []
+    with file.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{file} line {number}: not valid JSON ({err.msg})") from err
+    return rows
+
+
+def _read_json(file: Path) -> list[Row]:
+    text = file.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        # `.json` is also used for JSON lines (e.g. by `Dataset.to_json`).
+        return _read_jsonl(file)
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file} line {err.lineno}: not valid JSON ({err.msg})") from err
+    if not isinstance(items, list):
+        raise DataError(f"{file}: expected a list of objects, got {type(items).__name__}")
+    return [(f"row {i}", item) for i, item in enumerate(items, start=1)]
+
+
+def _read_csv(file: Path) -> list[Row]:
+    # Plain `csv` keeps every cell a string: a prompt like "0042" stays as written.
+    rows = []
+    with file.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        start = 2  # the header is line 1
+        for item in reader:
+            if None in item:  # where DictReader puts cells beyond the header's columns
+                raise DataError(f"{file} line {start}: more cells than the header has columns")
+            rows.append((f"line {start}", dict(item)))
+            start = reader.line_num + 1
+    return rows
+
+
+def _read_parquet(file: Path) -> list[Row]:
+    import pyarrow.parquet as pq  # a `datasets` dependency; imported only when needed
+
+    return [(f"row {i}", item) for i, item in enumerate(pq.read_table(file).to_pylist(), 1)]
+
+
+_READERS = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".parquet": _read_parquet,
+    ".csv": _read_csv,
+}
+
+
+def _read_dataset(path: str, name: str | None, split: str) -> tuple[str, int, Iterable[Row]]:
+    import datasets  # slow to import, and only hub names and folders need it
+
+    source = f"{path}" + (f" ({name})" if name else "") + f" split {split}"
+    try:
+        ds = datasets.load_dataset(path, name, split=split)
+    except (OSError, ValueError) as err:
+        # Not found, offline, unknown split or config: say which key to fix.
+        raise DataError(f"cannot load {source} (data.path / data.name / split): {err}") from err
+    rows: Iterator[Row] = ((f"row {i}", item) for i, item in enumerate(ds, start=1))
+    return source, len(ds), rows
+
+
+def _render(
+    cfg: DataConfig, tokenizer: Any, fields: dict[str, Any], template_fields: set[str], at: str
+) -> tuple[str, bool]:
+    """(prompt text, whether the tokenizer should add its special tokens when encoding it)."""
+    if cfg.messages_field is not None:
+        messages = _messages(cfg, fields, at)
+    else:
+        text = _format_prompt(cfg, fields, template_fields, at)
+        if not cfg.chat_template:
+            # Plain text gets the tokenizer's BOS, as the model saw in pre-training.
+            return text, True
+        messages = [{"role": "user", "content": text}]
+    if cfg.system_prompt is not None:
+        if messages[0]["role"] == "system":
+            raise DataError(
+                f"{at}: field {cfg.messages_field!r} already starts with a system message and "
+                "data.system_prompt is set too; set data.system_prompt=null to keep the row's"
+            )
+        messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The chat template writes any BOS itself.
+    return text, False
+
+
+def _format_prompt(
+    cfg: DataConfig, fields: dict[str, Any], template_fields: set[str], at: str
+) -> str:
+    values = {}
+    for name in sorted(template_fields):
+        key = cfg.prompt_field if name == "prompt" else name
+        setting = "data.prompt_field" if name == "prompt" else "data.prompt_template"
+        value = _field(fields, key, setting, at)
+        if name == "prompt" and not (isinstance(value, str) and value.strip()):
+            raise DataError(
+                f"{at}: field {key!r} (data.prompt_field) must be a non-empty string, "
+                f"got {value!r:.60}"
+            )
+        if value is None:
+            raise DataError(f"{at}: field {key!r} (used by data.prompt_template) is null")
+        values[name] = value
+    text = cfg.prompt_template.format(**values)
+    if not text.strip():
+        raise DataError(f"{at}: the prompt is empty after data.prompt_template")
+    return text
+
+
+def _field(fields: dict[str, Any], key: str, setting: str, at: str) -> Any:
+    if key not in fields:
+        raise DataError(f"{at}: missing field {key!r} ({setting}); the row has {sorted(fields)}")
+    return fields[key]
+
+
+def _messages(cfg: DataConfig, fields: dict[str, Any], at: str) -> list[dict[str, str]]:
+    key = cfg.messages_field
+    assert key is not None
+    value = _field(fields, key, "data.messages_field", at)
+    if not isinstance(value, list) or not value:
+        raise DataError(
+            f"{at}: field {key!r} must be a non-empty list of {{role, content}} messages, "
+            f"got {type(value).__name__}"
+        )
+    for i, m in enumerate(value):
+        if not (
+            isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))
+        ):
+            raise DataError(
+                f"{at}: field {key!r} message {i} must have string 'role' and 'content', got {m!r}"
+            )
+    if value[-1]["role"] == "assistant":
+        # The model would be asked to continue after its own answer: likely an SFT record.
+        raise DataError(
+            f"{at}: field {key!r} ends with an assistant message; prompts end with a user turn"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _answer(cfg: DataConfig, fields: dict[str, Any], at: str) -> str | None:
+    key = cfg.answer_field
+    if key is None:
+        return None
+    value = _field(fields, key, "data.answer_field", at)
+    # Numeric answers are common in JSON / Parquet; bool is an int but never an answer.
+    ok = isinstance(value, str) or (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    )
+    if not ok:
+        raise DataError(
+            f"{at}: field {key!r} (data.answer_field) must be a string or a number, got {value!r}"
+        )
+    answer = str(value).strip()
+    if not answer:
+        raise DataError(f"{at}: field {key!r} (data.answer_field) is empty")
+    return answer
+
+
+_SAMPLER_POSITION = ("epoch", "position", "steps_done")
+# A saved position means nothing for another prompt set, batch size, seed or shuffle setting.
+_SAMPLER_IDENTITY = ("n_prompts", "batch_size", "seed", "shuffle")
+
+
+class PromptSampler:
+    """Which prompts each training step uses: a fixed, resumable sequence of global batches.
+
+    An epoch is a permutation of the prompt indices (identity when ``shuffle`` is false) cut into
+    ``n_prompts // batch_size`` full batches; the remainder is dropped so every step has the same
+    size. The permutation depends only on ``(seed, epoch)``, never on global RNG state. The
+    sampler is rank-agnostic: it yields the global batch, and data-parallel ranks slice it.
+    """
+
+    def __init__(
+        self,
+        n_prompts: int,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool,
+        epochs: int,
+        max_steps: int,
+    ) -> None:
+        if batch_size < 1 or batch_size > n_prompts:
+            raise ConfigError(
+                f"train.batch_size must be in [1, {n_prompts}] (the number of prompts), "
+                f"got {batch_size}"
+            )
+        self.n_prompts = n_prompts
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epochs = epochs
+        self.max_steps = max_steps
+        self.steps_per_epoch = n_prompts // batch_size
+        self.epoch = 0
+        self.position = 0  # batches drawn from the current epoch
+        self.steps_done = 0
+
+    @property
+    def total_steps(self) -> int:
+        total = self.epochs * self.steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps > 0 else total
+
+    def next_batch(self) -> list[int] | None:
+        """The next batch of prompt indices, or None once `total_steps` batches were drawn."""
+        if self.steps_done >= self.total_steps:
+            return None
+        if self.position == self.steps_per_epoch:
+            self.epoch += 1
+            self.position = 0
+        # Recomputed each step (one randperm, cheap next to a training step): no cached order
+        # that a restored state could disagree with.
+        start = self.position * self.batch_size
+        batch = self._epoch_order(self.epoch)[start : start + self.batch_size]
+        self.position += 1
+        self.steps_done += 1
+        return batch
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n_prompts))
+        # A hash, not seed + epoch, so that (seed 1, epoch 0) and (seed 0, epoch 1) differ.
+        digest = hashlib.sha256(f"{self.seed}:{epoch}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return torch.randperm(self.n_prompts, generator=generator).tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position, with what it is only valid for."""
+        return {key: getattr(self, key) for key in (*_SAMPLER_POSITION, *_SAMPLER_IDENTITY)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the sampler that saved ``state`` stopped."""
+        for key in _SAMPLER_IDENTITY:
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume the prompt order: it was saved with {key}={state[key]!r}, "
+                    f"this run has {key}={getattr(self, key)!r}"
+                )
+        for key in _SAMPLER_POSITION:
+            setattr(self, key, int(state[key]))

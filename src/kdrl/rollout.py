@@ -1,0 +1,188 @@
+"""On-policy sampling: the student answers each prompt ``n_samples`` times.
+
+Shape legend: ``B`` sequences (prompts x samples), ``T`` positions of prompt + response,
+``V`` vocabulary. A :class:`RolloutBatch` lays each sequence out right-padded,
+``[prompt | response | pad]``, and every ``*_BT`` tensor is aligned with ``input_ids_BT``:
+position ``t`` holds a value about token ``t`` (e.g. ``log q(x_t | x_<t)``).
+
+The :class:`Rollout` protocol is the seam a faster engine (vLLM) plugs into; the loop only sees
+``generate(prompts) -> RolloutBatch`` and ``sync_weights(model)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+
+from kdrl.data import Prompt
+
+
+@dataclass
+class RolloutBatch:
+    """Sampled sequences with everything the loss needs about them."""
+
+    input_ids_BT: Tensor
+    attention_mask_BT: Tensor
+    response_mask_BT: Tensor
+    """True on response tokens (the EOS that ends a response included)."""
+    behav_logprobs_BT: Tensor
+    """Log-prob of each response token under the distribution it was sampled from; 0 elsewhere."""
+    prompt_index_B: list[int]
+    """Row of the prompt set each sequence answers (``n_samples`` consecutive rows share one)."""
+    truncated_B: Tensor
+    """True where the response hit ``max_new_tokens`` without EOS."""
+    response_texts: list[str] = field(default_factory=list)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids_BT.shape[0]
+
+    @property
+    def response_len_B(self) -> Tensor:
+        return self.response_mask_BT.sum(1)
+
+    def select(self, rows: list[int]) -> RolloutBatch:
+        """Sub-batch of the given rows, trimmed to its longest sequence."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        width = int(self.attention_mask_BT[idx].sum(1).max())
+        return RolloutBatch(
+            input_ids_BT=self.input_ids_BT[idx, :width],
+            attention_mask_BT=self.attention_mask_BT[idx, :width],
+            response_mask_BT=self.response_mask_BT[idx, :width],
+            behav_logprobs_BT=self.behav_logprobs_BT[idx, :width],
+            prompt_index_B=[self.prompt_index_B[i] for i in rows],
+            truncated_B=self.truncated_B[idx],
+            response_texts=[self.response_texts[i] for i in rows] if self.response_texts else [],
+        )
+
+
+class Rollout(Protocol):
+    def generate(self, prompts: list[Prompt], *, n_samples: int) -> RolloutBatch: ...
+
+    def sync_weights(self, model: PreTrainedModel) -> None: ...
+
+
+class _SampleAndRecord(LogitsProcessor):
+    """The whole sampling distribution in one place, recording what was sampled from it.
+
+    ``generate`` runs with its own warpers off; this processor applies the temperature, masks
+    ids past the tokenizer (padded embedding rows) and applies top-p. Each call also receives the
+    token sampled from the previous call's distribution, so it records that token's log-prob
+    and keeps only one ``[B, V]`` distribution alive.
+    """
+
+    def __init__(self, *, temperature: float, top_p: float, vocab: int) -> None:
+        self.temperature, self.top_p, self.vocab = temperature, top_p, vocab
+        self.prev_logp_BV: Tensor | None = None
+        self.recorded: list[Tensor] = []
+
+    def record(self, tokens_B: Tensor) -> None:
+        if self.prev_logp_BV is not None:
+            self.recorded.append(self.prev_logp_BV.gather(1, tokens_B[:, None]).squeeze(1))
+            self.prev_logp_BV = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.record(input_ids[:, -1])
+        scores = scores.float()
+        if self.temperature > 0:
+            scores = scores / self.temperature
+        scores[:, self.vocab :] = -torch.inf
+        if 0 < self.top_p < 1:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            mass_before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)
+            drop = torch.zeros_like(scores, dtype=torch.bool)
+            drop.scatter_(1, order, mass_before >= self.top_p)
+            scores = scores.masked_fill(drop, -torch.inf)
+        self.prev_logp_BV = scores.log_softmax(-1)
+        return scores
+
+
+class HFRollout:
+    """Sampling with ``transformers`` ``generate`` (KV cache) on the training model itself."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+
+    def sync_weights(self, model: PreTrainedModel) -> None:
+        self.model = model  # same process, same parameters: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], *, n_samples: int) -> RolloutBatch:
+        prompt_ids = [p.ids for p in prompts for _ in range(n_samples)]
+        index = [p.index for p in prompts for _ in range(n_samples)]
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        width = max(len(ids) for ids in prompt_ids)
+        left = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(left)
+        for b, ids in enumerate(prompt_ids):
+            left[b, width - len(ids) :] = torch.tensor(ids)
+            attn[b, width - len(ids) :] = 1
+        recorder = _SampleAndRecord(
+            temperature=self.temperature, top_p=self.top_p, vocab=len(self.tokenizer)
+        )
+        # top_k=0 disables top-k when sampling (None would become the library default of 50).
+        sample = self.temperature > 0
+        config = GenerationConfig(
+            do_sample=sample, temperature=1.0, top_p=1.0, top_k=0 if sample else None,
+            max_new_tokens=self.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+        )  # fmt: skip
+        # generate() fills every field left unset from the model's own generation_config, so a
+        # checkpoint's sampling defaults (repetition_penalty, min_p, ...) would silently change
+        # the distribution: give it a neutral one for the call.
+        saved_defaults, was_training = self.model.generation_config, self.model.training
+        self.model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+        self.model.eval()
+        try:
+            out = self.model.generate(
+                input_ids=left, attention_mask=attn, generation_config=config,
+                logits_processor=LogitsProcessorList([recorder]),
+            )  # fmt: skip
+        finally:
+            self.model.generation_config = saved_defaults
+            self.model.train(was_training)
+        new_tokens = out[:, width:]
+        recorder.record(new_tokens[:, -1])
+        behav = torch.stack(recorder.recorded, 1) if recorder.recorded else None
+        return _layout(prompt_ids, index, new_tokens, behav, eos, pad, self.tokenizer)
+
+
+def _layout(prompt_ids, index, new_tokens_BN, behav_BN, eos, pad, tokenizer) -> RolloutBatch:
+    """Right-padded ``[prompt | response]`` rows from left-padded ``generate`` output."""
+    b, n = new_tokens_BN.shape
+    is_eos = new_tokens_BN == eos
+    has_eos = is_eos.any(1)
+    # The response ends at its first EOS (kept: the student must learn to stop); later ids are
+    # generate's padding, which may equal EOS.
+    resp_len = torch.where(has_eos, is_eos.float().argmax(1) + 1, torch.full((b,), n))
+    total = [len(p) + int(r) for p, r in zip(prompt_ids, resp_len, strict=True)]
+    ids = torch.full((b, max(total)), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    resp_mask = torch.zeros_like(ids, dtype=torch.bool)
+    behav = torch.zeros(ids.shape, dtype=torch.float32)
+    texts = []
+    for row, (p, r) in enumerate(zip(prompt_ids, resp_len.tolist(), strict=True)):
+        ids[row, : len(p)] = torch.tensor(p)
+        ids[row, len(p) : len(p) + r] = new_tokens_BN[row, :r]
+        attn[row, : len(p) + r] = 1
+        resp_mask[row, len(p) : len(p) + r] = True
+        if behav_BN is not None:
+            behav[row, len(p) : len(p) + r] = behav_BN[row, :r]
+        texts.append(tokenizer.decode(new_tokens_BN[row, :r], skip_special_tokens=True))
+    return RolloutBatch(
+        input_ids_BT=ids, attention_mask_BT=attn, response_mask_BT=resp_mask,
+        behav_logprobs_BT=behav, prompt_index_B=list(index), truncated_B=~has_eos,
+        response_texts=texts,
+    )  # fmt: skip

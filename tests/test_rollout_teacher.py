@@ -1,0 +1,178 @@
+"""Rollout layout and behaviour log-probs, and teacher alignment against a toy teacher whose
+next-token distribution is known exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kdrl.data import Prompt
+from kdrl.rollout import HFRollout, RolloutBatch
+from kdrl.teacher import LocalTeacher
+
+V = 7
+
+
+class ShiftTeacher(torch.nn.Module):
+    """p(next = (x + 1) mod V | x) = 0.9 (at temperature 1), the rest spread evenly."""
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.full((*input_ids.shape, V), math.log(0.1 / (V - 1)))
+        logits.scatter_(-1, ((input_ids + 1) % V)[..., None], math.log(0.9))
+        return type("Out", (), {"logits": logits})()
+
+
+def expected_logprob(prev: int, tok: int, temperature: float) -> float:
+    logits = torch.full((V,), math.log(0.1 / (V - 1)))
+    logits[(prev + 1) % V] = math.log(0.9)
+    return torch.log_softmax(logits / temperature, -1)[tok].item()
+
+
+def make_batch(rows: list[tuple[list[int], list[int]]], pad: int) -> RolloutBatch:
+    """Right-padded [prompt | response] rows, like HFRollout produces."""
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad)
+    attn = torch.zeros_like(ids)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (p, r) in enumerate(rows):
+        ids[b, : len(p) + len(r)] = torch.tensor(p + r)
+        attn[b, : len(p) + len(r)] = 1
+        resp[b, len(p) : len(p) + len(r)] = True
+    return RolloutBatch(ids, attn, resp, torch.zeros(ids.shape), list(range(len(rows))),
+                        torch.zeros(len(rows), dtype=torch.bool))  # fmt: skip
+
+
+# pad == eos == 6; a one-token response; prompts of different lengths; a response that ends in
+# EOS followed by padding that is also EOS.
+ROWS = [([1, 2, 3], [4]), ([5], [6]), ([0, 1, 2, 3, 4, 5], [6, 0, 1]), ([2, 2], [3, 4, 5, 6])]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 12, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_teacher_logprobs_are_aligned_position_by_position(max_tokens, temperature):
+    batch = make_batch(ROWS, pad=6)
+    out = LocalTeacher(
+        ShiftTeacher(), temperature=temperature, max_tokens_per_mb=max_tokens, vocab=V
+    ).score(batch)
+    for b, (p, r) in enumerate(ROWS):
+        seq = p + r
+        for t in range(len(p), len(seq)):
+            want = expected_logprob(seq[t - 1], seq[t], temperature)
+            assert out.logprobs_BT[b, t].item() == pytest.approx(want, abs=1e-6), (b, t)
+    assert (out.logprobs_BT[~batch.response_mask_BT] == 0).all()
+
+
+def test_teacher_topk_and_full_distribution():
+    batch = make_batch(ROWS, pad=6)
+    teacher = LocalTeacher(ShiftTeacher(), temperature=1.0, max_tokens_per_mb=8, vocab=V)
+    top = teacher.score(batch, top_k=2)
+    b, t = 0, 3  # predicts token 4 after token 3: the top id is (3 + 1) % V = 4
+    assert top.topk_ids_BTK[b, t, 0].item() == 4
+    assert top.topk_logprobs_BTK[b, t, 0].item() == pytest.approx(math.log(0.9), abs=1e-6)
+    full = teacher.score(batch, top_k=10**9)
+    assert full.topk_logprobs_BTK.shape[-1] == V
+    torch.testing.assert_close(full.topk_logprobs_BTK[b, t].exp().sum(), torch.tensor(1.0))
+
+
+def test_teacher_vocab_cut_renormalises_over_student_ids():
+    batch = make_batch([([1, 2], [3])], pad=6)
+    out = LocalTeacher(ShiftTeacher(), temperature=1.0, max_tokens_per_mb=8, vocab=V - 1).score(
+        batch
+    )
+    logits = torch.full((V - 1,), math.log(0.1 / (V - 1)))
+    logits[3] = math.log(0.9)
+    assert out.logprobs_BT[0, 2].item() == pytest.approx(logits.log_softmax(-1)[3].item(), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_pair):
+    path = tiny_pair[0]
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def prompts(tok, texts):
+    return [Prompt(index=i, text=t, ids=tok(t, add_special_tokens=False)["input_ids"], answer=None,
+                   truncated=False) for i, t in enumerate(texts)]  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_behaviour_logprobs_match_a_forward_pass(student, temperature):
+    model, tok = student
+    torch.manual_seed(0)
+    rollout = HFRollout(model, tok, temperature=temperature, top_p=1.0, max_new_tokens=12)
+    batch = rollout.generate(prompts(tok, ["ab", "hello there", "x"]), n_samples=3)
+    assert batch.num_sequences == 9 and batch.prompt_index_B == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+    logp = (logits[:, :-1] / temperature).log_softmax(-1)
+    want = logp.gather(-1, batch.input_ids_BT[:, 1:, None]).squeeze(-1)
+    mask = batch.response_mask_BT[:, 1:]
+    torch.testing.assert_close(batch.behav_logprobs_BT[:, 1:][mask], want[mask], atol=1e-4, rtol=0)
+    assert (batch.behav_logprobs_BT[~batch.response_mask_BT] == 0).all()
+
+
+def test_layout_eos_truncation_and_text(student):
+    model, tok = student
+    torch.manual_seed(1)
+    rollout = HFRollout(model, tok, temperature=1.0, top_p=1.0, max_new_tokens=6)
+    ps = prompts(tok, ["abc", "de"])
+    batch = rollout.generate(ps, n_samples=8)
+    eos = tok.eos_token_id
+    for b in range(batch.num_sequences):
+        p = ps[batch.prompt_index_B[b]].ids
+        n = int(batch.attention_mask_BT[b].sum())
+        assert batch.input_ids_BT[b, : len(p)].tolist() == p
+        resp = batch.input_ids_BT[b, len(p) : n].tolist()
+        assert batch.response_mask_BT[b].sum() == len(resp) >= 1
+        assert eos not in resp[:-1]  # nothing after the first EOS
+        assert batch.truncated_B[b] == (resp[-1] != eos)
+        assert batch.truncated_B[b] == (len(resp) == 6 and resp[-1] != eos)
+        assert batch.response_texts[b] == tok.decode(resp, skip_special_tokens=True)
+
+
+def test_top_p_restricts_sampling_to_the_nucleus(student):
+    model, tok = student
+    torch.manual_seed(2)
+    rollout = HFRollout(model, tok, temperature=1.0, top_p=1e-4, max_new_tokens=4)
+    batch = rollout.generate(prompts(tok, ["ab"]), n_samples=6)
+    # A nucleus this small holds one token at each step: all samples agree, with log-prob 0.
+    rows = batch.input_ids_BT
+    assert all(torch.equal(rows[0], rows[i]) for i in range(6))
+    assert batch.behav_logprobs_BT[batch.response_mask_BT].abs().max() < 1e-6
+
+
+def test_padded_vocabulary_rows_are_never_sampled(tiny_pair):
+    # The teacher folder's model has 5 embedding rows past its tokenizer; make them dominant.
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[1])
+    tok = AutoTokenizer.from_pretrained(tiny_pair[1])
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tok) :] *= 1000
+    torch.manual_seed(3)
+    batch = HFRollout(model, tok, temperature=1.0, top_p=1.0, max_new_tokens=5).generate(
+        prompts(tok, ["ab"]), n_samples=4
+    )
+    assert batch.input_ids_BT.max() < len(tok)
+
+
+def test_model_generation_defaults_do_not_leak_into_sampling(tiny_pair):
+    # Released checkpoints ship sampling defaults (SmolLM2: temperature 0.2, top_p 0.9). The
+    # rollout must sample from exactly the configured distribution regardless.
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
+    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    gc = model.generation_config
+    gc.do_sample, gc.temperature, gc.top_k, gc.top_p, gc.repetition_penalty = True, 0.2, 3, 0.5, 2.0
+    torch.manual_seed(4)
+    batch = HFRollout(model, tok, temperature=1.0, top_p=1.0, max_new_tokens=10).generate(
+        prompts(tok, ["ab", "cd"]), n_samples=4
+    )
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+    want = logits[:, :-1].log_softmax(-1).gather(-1, batch.input_ids_BT[:, 1:, None]).squeeze(-1)
+    mask = batch.response_mask_BT[:, 1:]
+    torch.testing.assert_close(batch.behav_logprobs_BT[:, 1:][mask], want[mask], atol=1e-4, rtol=0)
+    # With top_k 3 leaking in, some sampled token would lie outside the model's top 3.
+    ranks = (logits[:, :-1] > logits[:, :-1].gather(-1, batch.input_ids_BT[:, 1:, None])).sum(-1)
+    assert ranks[mask].max() >= 3
