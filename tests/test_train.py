@@ -155,10 +155,11 @@ def test_cli_reports_bad_input_in_one_line(tiny_pair, prompts_file, tmp_path, ca
 
 
 def test_distillation_weight_follows_its_schedule(tiny_pair, prompts_file, tmp_path):
-    cfg = load_config(None, base(tiny_pair, prompts_file, tmp_path / "run", "train.max_steps=3",
-                                 "teacher.distill_loss_weight=0.5",
-                                 "teacher.distill_loss_weight_final=0.1",
-                                 "teacher.distill_decay_steps=2", "teacher.kd_correct_weight=0"))  # fmt: skip
+    schedule = (
+        "teacher.distill_loss_weight=0.5", "teacher.distill_loss_weight_final=0.1",
+        "teacher.distill_decay_steps=2", "teacher.kd_correct_weight=0", "train.max_steps=3",
+    )  # fmt: skip
+    cfg = load_config(None, base(tiny_pair, prompts_file, tmp_path / "run", *schedule))
     train(cfg)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["kd/weight"] for r in rows] == pytest.approx([0.5, 0.3, 0.1])
