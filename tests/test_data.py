@@ -13,7 +13,8 @@ import torch
 
 from kdrl.config.schema import DataConfig
 from kdrl.config.validate import ConfigError
-from kdrl.data import DataError, PromptSampler, load_prompts
+from kdrl.data import DataError, load_prompts
+from kdrl.sampler import PromptSampler
 from kdrl.tiny import char_tokenizer
 
 GSM8K_MINI = Path(__file__).parent / "data" / "gsm8k_mini.jsonl"

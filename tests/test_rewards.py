@@ -195,3 +195,20 @@ def test_builtin_without_answer_is_a_reward_error():
 def test_non_finite_or_non_numeric_return(value):
     with pytest.raises(RewardError, match=r"prompt 5 .* not a finite number"):
         compute_rewards(lambda c, a: value, ["c"], [None], [5])
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [
+        ("The capital of France is Paris.", "Paris", 1.0),
+        ("7 + 5 = 12", "12", 1.0),
+        ("12 times 3 is 32.", "36", 0.0),
+        ("It is 120.", "12", 0.0),  # whole numbers only
+        ("3.14 is pi", "3", 0.0),
+        ("A parisian cafe", "Paris", 0.0),  # whole words only
+        ("There are SEVEN days.", "7|seven", 1.0),
+        ("", "Paris", 0.0),
+    ],
+)
+def test_contains_reward(completion, answer, expected):
+    assert get_reward_fn("contains")(completion, answer) == expected

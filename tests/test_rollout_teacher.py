@@ -19,6 +19,8 @@ V = 7
 class ShiftTeacher(torch.nn.Module):
     """p(next = (x + 1) mod V | x) = 0.9 (at temperature 1), the rest spread evenly."""
 
+    device = torch.device("cpu")  # as a Hugging Face model reports it
+
     def forward(self, input_ids, attention_mask=None):
         logits = torch.full((*input_ids.shape, V), math.log(0.1 / (V - 1)))
         logits.scatter_(-1, ((input_ids + 1) % V)[..., None], math.log(0.9))

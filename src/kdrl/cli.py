@@ -96,12 +96,50 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a train.output_dir")
+    parser.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from kdrl.report import summary_table, write_report  # matplotlib only for this command
+
+    report = write_report(args.run_dir)
+    print(summary_table(args.run_dir))
+    print(f"report: {report}")
+    return 0
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--synthetic", action="store_true",
+        help="the tiny synthetic demo (a character-level adder) instead of SmolLM2",
+    )  # fmt: skip
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="dotted overrides of the demo config, e.g. train.max_steps=2",
+    )  # fmt: skip
+    parser.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from kdrl.demo.run import run_demo
+
+    _setup_logging()
+    run_demo(args.overrides, synthetic=args.synthetic)
+    return 0
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 # name -> (one-line help, function that declares the arguments)
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "demo": (
+        "the CPU demo: distill SmolLM2-135M into a pruned copy, evaluate, write a report",
+        _add_demo,
+    ),
     "train": (
         "train a student: on-policy distillation, GRPO, or both (KDRL)",
         _add_train,
@@ -109,6 +147,10 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "eval": (
         "accuracy and reverse KL to the teacher on held-out prompts, for any saved model",
         _add_eval,
+    ),
+    "report": (
+        "plots and a Markdown report (report.md) of a run directory: before/after, curves, samples",
+        _add_report,
     ),
     "config": (
         "print the resolved, validated config (file, then overrides in order) as YAML",

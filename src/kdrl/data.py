@@ -12,7 +12,6 @@ Errors in the data are `DataError`s naming the file, the row (``line N`` for JSO
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -22,8 +21,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from kdrl.config.schema import DataConfig
 from kdrl.config.validate import ConfigError
@@ -43,13 +40,15 @@ class Prompt:
     """One rendered prompt: ``index`` is its 0-based row in the source; ``text`` the full prompt
     string (chat template applied when `data.chat_template`) and ``ids`` its tokens, which are
     what the model is given; ``answer`` the reference for the reward (None without
-    `data.answer_field`); ``truncated`` whether `truncate_left` cut it."""
+    `data.answer_field`); ``truncated`` whether `truncate_left` cut it; ``user`` the last user
+    message as written (for reports: ``text`` may start with a long system prompt)."""
 
     index: int
     text: str
     ids: list[int]
     answer: str | None
     truncated: bool
+    user: str = ""
 
 
 @dataclass
@@ -88,7 +87,7 @@ def load_prompts(
         at = f"{source} {where}"
         if not isinstance(fields, dict):
             raise DataError(f"{at}: expected an object, got {type(fields).__name__}")
-        text, add_special = _render(cfg, tokenizer, fields, template_fields, at)
+        text, add_special, user = _render(cfg, tokenizer, fields, template_fields, at)
         answer = _answer(cfg, fields, at)  # checked before skipping, so no bad row goes unseen
         ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
         truncated = len(ids) > cfg.max_prompt_tokens
@@ -103,7 +102,7 @@ def load_prompts(
         if truncated:
             ids = ids[-cfg.max_prompt_tokens :]
             text = tokenizer.decode(ids, skip_special_tokens=False)
-        prompts.append(Prompt(index, text, ids, answer, truncated))
+        prompts.append(Prompt(index, text, ids, answer, truncated, user))
         if len(prompts) == limit:
             break
     if n_skipped:
@@ -223,15 +222,16 @@ def _read_dataset(path: str, name: str | None, split: str) -> tuple[str, int, It
 
 def _render(
     cfg: DataConfig, tokenizer: Any, fields: dict[str, Any], template_fields: set[str], at: str
-) -> tuple[str, bool]:
-    """(prompt text, whether the tokenizer should add its special tokens when encoding it)."""
+) -> tuple[str, bool, str]:
+    """(prompt text, whether the tokenizer should add its special tokens when encoding it, the
+    last user message)."""
     if cfg.messages_field is not None:
         messages = _messages(cfg, fields, at)
     else:
         text = _format_prompt(cfg, fields, template_fields, at)
         if not cfg.chat_template:
             # Plain text gets the tokenizer's BOS, as the model saw in pre-training.
-            return text, True
+            return text, True, text
         messages = [{"role": "user", "content": text}]
     if cfg.system_prompt is not None:
         if messages[0]["role"] == "system":
@@ -241,8 +241,9 @@ def _render(
             )
         messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     # The chat template writes any BOS itself.
-    return text, False
+    return text, False, user
 
 
 def _format_prompt(
@@ -314,87 +315,3 @@ def _answer(cfg: DataConfig, fields: dict[str, Any], at: str) -> str | None:
     if not answer:
         raise DataError(f"{at}: field {key!r} (data.answer_field) is empty")
     return answer
-
-
-_SAMPLER_POSITION = ("epoch", "position", "steps_done")
-# A saved position means nothing for another prompt set, batch size, seed or shuffle setting.
-_SAMPLER_IDENTITY = ("n_prompts", "batch_size", "seed", "shuffle")
-
-
-class PromptSampler:
-    """Which prompts each training step uses: a fixed, resumable sequence of global batches.
-
-    An epoch is a permutation of the prompt indices (identity when ``shuffle`` is false) cut into
-    ``n_prompts // batch_size`` full batches; the remainder is dropped so every step has the same
-    size. The permutation depends only on ``(seed, epoch)``, never on global RNG state. The
-    sampler is rank-agnostic: it yields the global batch, and data-parallel ranks slice it.
-    """
-
-    def __init__(
-        self,
-        n_prompts: int,
-        batch_size: int,
-        *,
-        seed: int,
-        shuffle: bool,
-        epochs: int,
-        max_steps: int,
-    ) -> None:
-        if batch_size < 1 or batch_size > n_prompts:
-            raise ConfigError(
-                f"train.batch_size must be in [1, {n_prompts}] (the number of prompts), "
-                f"got {batch_size}"
-            )
-        self.n_prompts = n_prompts
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epochs = epochs
-        self.max_steps = max_steps
-        self.steps_per_epoch = n_prompts // batch_size
-        self.epoch = 0
-        self.position = 0  # batches drawn from the current epoch
-        self.steps_done = 0
-
-    @property
-    def total_steps(self) -> int:
-        total = self.epochs * self.steps_per_epoch
-        return min(total, self.max_steps) if self.max_steps > 0 else total
-
-    def next_batch(self) -> list[int] | None:
-        """The next batch of prompt indices, or None once `total_steps` batches were drawn."""
-        if self.steps_done >= self.total_steps:
-            return None
-        if self.position == self.steps_per_epoch:
-            self.epoch += 1
-            self.position = 0
-        # Recomputed each step (one randperm, cheap next to a training step): no cached order
-        # that a restored state could disagree with.
-        start = self.position * self.batch_size
-        batch = self._epoch_order(self.epoch)[start : start + self.batch_size]
-        self.position += 1
-        self.steps_done += 1
-        return batch
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n_prompts))
-        # A hash, not seed + epoch, so that (seed 1, epoch 0) and (seed 0, epoch 1) differ.
-        digest = hashlib.sha256(f"{self.seed}:{epoch}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-        return torch.randperm(self.n_prompts, generator=generator).tolist()
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position, with what it is only valid for."""
-        return {key: getattr(self, key) for key in (*_SAMPLER_POSITION, *_SAMPLER_IDENTITY)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the sampler that saved ``state`` stopped."""
-        for key in _SAMPLER_IDENTITY:
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"cannot resume the prompt order: it was saved with {key}={state[key]!r}, "
-                    f"this run has {key}={getattr(self, key)!r}"
-                )
-        for key in _SAMPLER_POSITION:
-            setattr(self, key, int(state[key]))

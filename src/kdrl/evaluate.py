@@ -1,12 +1,15 @@
-"""Held-out evaluation: accuracy under the task reward and the exact per-token reverse KL to the
-teacher on the student's own answers.
+"""Held-out evaluation: accuracy under the task reward, agreement with the teacher's own greedy
+answers, and the exact per-token reverse KL to the teacher on the student's answers.
 
 The reverse KL here is not a one-token estimate: at every position of the student's answer it
 sums ``q log(q / p)`` over the whole vocabulary (student at its rollout temperature, teacher at
-``teacher.temperature``), then averages over answer tokens.
+``teacher.temperature``), then averages over answer tokens. Prompts are evaluated in chunks of
+``EVAL_CHUNK`` so memory stays bounded on large held-out sets.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
@@ -17,32 +20,85 @@ from kdrl.microbatch import token_budget_microbatches
 from kdrl.rewards import RewardFn, compute_rewards
 from kdrl.rollout import HFRollout, RolloutBatch
 
+EVAL_CHUNK = 16
+
+
+@dataclass
+class Answers:
+    """One answer per prompt, in prompt order, with its reward when there is a reward."""
+
+    prompts: list[Prompt]
+    texts: list[str]
+    rewards: list[float] | None
+    batches: list[RolloutBatch] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """JSON-ready rows for ``samples/*.jsonl``."""
+        return [
+            {"index": p.index, "prompt": p.user or p.text, "reference": p.answer,
+             "response": text, "reward": None if self.rewards is None else self.rewards[i]}
+            for i, (p, text) in enumerate(zip(self.prompts, self.texts, strict=True))
+        ]  # fmt: skip
+
+
+def answer(model, tokenizer, prompts, *, temperature, max_new_tokens, reward_fn) -> Answers:
+    """Answers of ``model`` (greedy at ``temperature == 0``) on a forked RNG, so evaluating
+    never changes the samples of the training run around it."""
+    rollout = HFRollout(
+        model, tokenizer, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens
+    )
+    batches = []
+    with torch.random.fork_rng():
+        for s in range(0, len(prompts), EVAL_CHUNK):
+            batches.append(rollout.generate(prompts[s : s + EVAL_CHUNK], n_samples=1))
+    texts = [t for b in batches for t in b.response_texts]
+    rewards = None
+    if reward_fn is not None:
+        rewards = compute_rewards(
+            reward_fn, texts, [p.answer for p in prompts], [p.index for p in prompts]
+        )
+    return Answers(prompts, texts, rewards, batches)
+
+
+def _forward(model, batch: RolloutBatch, rows: list[int], width: int):
+    ids, attn = batch.input_ids_BT[rows, :width], batch.attention_mask_BT[rows, :width]
+    return model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits[
+        :, :-1
+    ]
+
 
 @torch.no_grad()
-def exact_reverse_kl(
-    student: PreTrainedModel,
-    teacher: PreTrainedModel,
-    batch: RolloutBatch,
-    *,
-    student_temperature: float,
-    teacher_temperature: float,
-    max_tokens_per_mb: int,
-) -> float:
-    """Mean over response tokens of ``KL(q(.|h_t) || p(.|h_t))``, summed over the vocabulary."""
+def exact_reverse_kl_sum(student, teacher, batch: RolloutBatch, *, student_temperature: float,
+                         teacher_temperature: float, max_tokens_per_mb: int) -> float:  # fmt: skip
+    """Sum over response tokens of ``KL(q(.|h_t) || p(.|h_t))`` over the whole vocabulary."""
     lengths = batch.attention_mask_BT.sum(1).tolist()
-    total, count = 0.0, int(batch.response_mask_BT.sum())
     vocab = student.get_output_embeddings().weight.shape[0]
+    total = 0.0
     for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
         width = max(lengths[i] for i in rows)
-        ids, attn = batch.input_ids_BT[rows, :width], batch.attention_mask_BT[rows, :width]
-        s_logits = student(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        t_logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1, :vocab]
+        student_logits = _forward(student, batch, rows, width)
+        teacher_logits = _forward(teacher, batch, rows, width)[..., :vocab].to(student.device)
         total += full_divergence_loss(
-            s_logits, t_logits, batch.response_mask_BT[rows, 1:width], kind="reverse_kl",
+            student_logits, teacher_logits,
+            batch.response_mask_BT[rows, 1:width].to(student.device), kind="reverse_kl",
             student_temperature=student_temperature, teacher_temperature=teacher_temperature,
             num_tokens=1.0,
         ).item()  # fmt: skip
-    return total / max(count, 1)
+    return total
+
+
+@torch.no_grad()
+def top1_matches(student, batch: RolloutBatch, *, max_tokens_per_mb: int) -> tuple[int, int]:
+    """(positions where the student's most likely next token is the one in ``batch``, positions):
+    teacher-forced agreement with another model's answers."""
+    lengths = batch.attention_mask_BT.sum(1).tolist()
+    hits = 0
+    for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
+        width = max(lengths[i] for i in rows)
+        guess = _forward(student, batch, rows, width).argmax(-1).cpu()
+        same = guess == batch.input_ids_BT[rows, 1:width]
+        hits += int((same & batch.response_mask_BT[rows, 1:width]).sum())
+    return hits, int(batch.response_mask_BT.sum())
 
 
 def evaluate(
@@ -51,6 +107,7 @@ def evaluate(
     prompts: list[Prompt],
     *,
     teacher: PreTrainedModel | None,
+    reference: Answers | None,
     reward_fn: RewardFn | None,
     correct_threshold: float,
     temperature: float,
@@ -58,40 +115,53 @@ def evaluate(
     teacher_temperature: float,
     max_new_tokens: int,
     max_tokens_per_mb: int,
-) -> tuple[dict[str, float], RolloutBatch]:
-    """One answer per prompt (greedy at ``temperature == 0``); metrics under ``eval/``.
-    Sampling runs on a forked RNG so evaluating never changes the training run's samples."""
+) -> tuple[dict[str, float], Answers]:
+    """The student's answers and ``eval/`` metrics; ``reference`` holds the teacher's greedy
+    answers on the same prompts (for agreement), when there is a teacher."""
     was_training = student.training
     student.eval()
-    rollout = HFRollout(
-        student, tokenizer, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens
-    )
     try:
-        with torch.random.fork_rng():
-            batch = rollout.generate(prompts, n_samples=1)
-        metrics = _metrics(batch, prompts, reward_fn, correct_threshold)
+        ans = answer(student, tokenizer, prompts, temperature=temperature,
+                     max_new_tokens=max_new_tokens, reward_fn=reward_fn)  # fmt: skip
+        lengths = torch.cat([b.response_len_B for b in ans.batches]).float()
+        truncated = torch.cat([b.truncated_B for b in ans.batches]).float()
+        metrics = {
+            "eval/len_mean": lengths.mean().item(),
+            "eval/truncated_frac": truncated.mean().item(),
+        }
+        if ans.rewards is not None:
+            metrics["eval/reward"] = sum(ans.rewards) / len(ans.rewards)
+            hits = sum(r >= correct_threshold for r in ans.rewards)
+            metrics["eval/accuracy"] = hits / len(ans.rewards)
         if teacher is not None:
-            metrics["eval/reverse_kl"] = exact_reverse_kl(
-                student, teacher, batch, student_temperature=student_temperature,
+            kl = sum(exact_reverse_kl_sum(
+                student, teacher, b, student_temperature=student_temperature,
                 teacher_temperature=teacher_temperature, max_tokens_per_mb=max_tokens_per_mb,
-            )  # fmt: skip
+            ) for b in ans.batches)  # fmt: skip
+            metrics["eval/reverse_kl"] = kl / max(lengths.sum().item(), 1.0)
+        if reference is not None:
+            same = [a.strip() == b.strip() for a, b in zip(ans.texts, reference.texts, strict=True)]
+            metrics["eval/agreement"] = sum(same) / len(same)
+            counts = [top1_matches(student, b, max_tokens_per_mb=max_tokens_per_mb)
+                      for b in reference.batches]  # fmt: skip
+            metrics["eval/top1_agreement"] = sum(h for h, _ in counts) / max(
+                sum(n for _, n in counts), 1
+            )
     finally:
         student.train(was_training)
-    return metrics, batch
+    return metrics, ans
 
 
-def _metrics(batch: RolloutBatch, prompts, reward_fn, correct_threshold) -> dict[str, float]:
-    metrics = {
-        "eval/len_mean": batch.response_len_B.float().mean().item(),
-        "eval/truncated_frac": batch.truncated_B.float().mean().item(),
-    }
-    if reward_fn is not None:
-        rewards = compute_rewards(
-            reward_fn, batch.response_texts, [p.answer for p in prompts], [p.index for p in prompts]
+def teacher_reference(teacher, tokenizer, prompts, *, max_new_tokens, reward_fn, correct_threshold):
+    """The teacher's greedy answers (the reference for agreement) and its own accuracy."""
+    ref = answer(teacher, tokenizer, prompts, temperature=0.0, max_new_tokens=max_new_tokens,
+                 reward_fn=reward_fn)  # fmt: skip
+    metrics = {}
+    if ref.rewards is not None:
+        metrics["eval/teacher_accuracy"] = sum(r >= correct_threshold for r in ref.rewards) / len(
+            ref.rewards
         )
-        metrics["eval/reward"] = sum(rewards) / len(rewards)
-        metrics["eval/accuracy"] = sum(r >= correct_threshold for r in rewards) / len(rewards)
-    return metrics
+    return ref, metrics
 
 
 def evaluate_model(cfg, model: str) -> dict[str, float]:
@@ -104,16 +174,26 @@ def evaluate_model(cfg, model: str) -> dict[str, float]:
     if not cfg.eval.path:
         raise ValueError("eval.path is empty: give the held-out prompts to evaluate on")
     tokenizer = load_tokenizer(model, key="--model")
-    student = load_student(model, dtype=cfg.student.dtype, gradient_checkpointing=False)
-    teacher = load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype) if cfg.teacher.path else None
+    device = cfg.train.device
+    student = load_student(
+        model, dtype=cfg.student.dtype, gradient_checkpointing=False, device=device
+    )
+    teacher = None
+    if cfg.teacher.path:
+        teacher = load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype, device=device)
     prompts = load_prompts(
         cfg.data, tokenizer, path=cfg.eval.path, split=cfg.eval.split, limit=cfg.eval.max_prompts
     ).prompts
+    reward_fn = get_reward_fn(cfg.reward.fn)
+    limits = dict(max_new_tokens=cfg.rollout.max_new_tokens, reward_fn=reward_fn,
+                  correct_threshold=cfg.reward.correct_threshold)  # fmt: skip
+    reference, teacher_metrics = (None, {})
+    if teacher is not None:
+        reference, teacher_metrics = teacher_reference(teacher, tokenizer, prompts, **limits)
     metrics, _ = evaluate(
-        student, tokenizer, prompts, teacher=teacher, reward_fn=get_reward_fn(cfg.reward.fn),
-        correct_threshold=cfg.reward.correct_threshold, temperature=cfg.eval.temperature,
-        student_temperature=cfg.rollout.temperature, teacher_temperature=cfg.teacher.temperature,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb,
+        student, tokenizer, prompts, teacher=teacher, reference=reference,
+        temperature=cfg.eval.temperature, student_temperature=cfg.rollout.temperature,
+        teacher_temperature=cfg.teacher.temperature,
+        max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb, **limits,
     )  # fmt: skip
-    return {"eval/prompts": float(len(prompts)), **metrics}
+    return {"eval/prompts": float(len(prompts)), **metrics, **teacher_metrics}

@@ -17,13 +17,13 @@ from torch import Tensor
 def masked_sum(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
     """Sum of ``x`` over valid positions. Invalid positions may hold ``inf``/``nan``: they are
     replaced by zero *before* summing, so they reach neither the value nor the gradient."""
-    return torch.where(mask_BT, x_BT, torch.zeros((), dtype=x_BT.dtype)).sum()
+    return torch.where(mask_BT, x_BT, x_BT.new_zeros(())).sum()
 
 
 def where_valid(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
     """``x`` at valid positions, 0 elsewhere; use on inputs before arithmetic that could turn a
     masked ``-inf`` into a ``nan`` gradient (``0 * inf``)."""
-    return torch.where(mask_BT, x_BT, torch.zeros((), dtype=x_BT.dtype))
+    return torch.where(mask_BT, x_BT, x_BT.new_zeros(()))
 
 
 def check_num_tokens(num_tokens: float) -> None:

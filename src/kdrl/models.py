@@ -10,6 +10,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; ``auto`` is CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"train.device: {name!r} is not a device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available here")
+    return device
+
+
 def _missing_local_path(name_or_path: str) -> bool:
     # A hub name has at most one slash and does not start like a path; anything else that is
     # not on disk is a typo that from_pretrained would report as a confusing hub error.
@@ -35,10 +48,13 @@ def load_tokenizer(name_or_path: str, *, key: str = "student.path"):
     return tok
 
 
-def load_student(name_or_path: str, *, dtype: str, gradient_checkpointing: bool) -> PreTrainedModel:
+def load_student(
+    name_or_path: str, *, dtype: str, gradient_checkpointing: bool, device: str = "cpu"
+) -> PreTrainedModel:
     """The trainable student, in train mode with dropout as its config says."""
     _check_path(name_or_path, "student.path")
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+    model.to(resolve_device(device))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -46,10 +62,11 @@ def load_student(name_or_path: str, *, dtype: str, gradient_checkpointing: bool)
     return model
 
 
-def load_teacher(name_or_path: str, *, dtype: str) -> PreTrainedModel:
+def load_teacher(name_or_path: str, *, dtype: str, device: str = "cpu") -> PreTrainedModel:
     """The frozen teacher: eval mode (no dropout), no parameter requires a gradient."""
     _check_path(name_or_path, "teacher.path")
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+    model.to(resolve_device(device))
     model.eval()
     model.requires_grad_(False)
     return model

@@ -119,10 +119,22 @@ def exact_match_reward(completion: str, answer: str | None) -> float:
     return 1.0 if completion.strip() == _require_answer("exact_match", answer).strip() else 0.0
 
 
+def contains_reward(completion: str, answer: str | None) -> float:
+    """1.0 when one of the reference's ``|``-separated alternatives appears in the completion as
+    whole words, ignoring case (``Paris``, ``7|seven``); for short factual answers."""
+    text = completion.lower()
+    for alternative in _require_answer("contains", answer).split("|"):
+        words = alternative.strip().lower()
+        if words and re.search(rf"(?<![\w.]){re.escape(words)}(?![\w]|\.\d)", text):
+            return 1.0
+    return 0.0
+
+
 BUILTIN_REWARDS: dict[str, RewardFn] = {
     "gsm8k": gsm8k_reward,
     "math": math_reward,
     "exact_match": exact_match_reward,
+    "contains": contains_reward,
 }
 
 

@@ -145,17 +145,18 @@ class HFRollout:
         saved_defaults, was_training = self.model.generation_config, self.model.training
         self.model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
         self.model.eval()
+        device = self.model.device
         try:
             out = self.model.generate(
-                input_ids=left, attention_mask=attn, generation_config=config,
-                logits_processor=LogitsProcessorList([recorder]),
+                input_ids=left.to(device), attention_mask=attn.to(device),
+                generation_config=config, logits_processor=LogitsProcessorList([recorder]),
             )  # fmt: skip
         finally:
             self.model.generation_config = saved_defaults
             self.model.train(was_training)
-        new_tokens = out[:, width:]
-        recorder.record(new_tokens[:, -1])
-        behav = torch.stack(recorder.recorded, 1) if recorder.recorded else None
+        recorder.record(out[:, -1])
+        new_tokens = out[:, width:].cpu()
+        behav = torch.stack(recorder.recorded, 1).cpu() if recorder.recorded else None
         return _layout(prompt_ids, index, new_tokens, behav, eos, pad, self.tokenizer)
 
 

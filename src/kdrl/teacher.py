@@ -62,17 +62,17 @@ class LocalTeacher:
         lengths = batch.attention_mask_BT.sum(1).tolist()
         for rows in token_budget_microbatches(lengths, self.max_tokens):
             width = max(lengths[i] for i in rows)
-            ids = batch.input_ids_BT[rows, :width]
-            logits = self.model(
-                input_ids=ids, attention_mask=batch.attention_mask_BT[rows, :width]
-            ).logits[:, :-1, : self.vocab]
+            device = self.model.device
+            ids = batch.input_ids_BT[rows, :width].to(device)
+            attn = batch.attention_mask_BT[rows, :width].to(device)
+            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1, : self.vocab]
             lp, _ = token_logprobs(logits, ids[:, 1:], temperature=self.temperature)
-            logp_BT[rows, 1:width] = lp
+            logp_BT[rows, 1:width] = lp.cpu()
             if k:
                 dist = (logits.float() / self.temperature).log_softmax(-1)
                 values, idx = dist.topk(k, dim=-1) if k < self.vocab else (dist, None)
-                topk_lp[rows, 1:width] = values
-                topk_ids[rows, 1:width] = idx if idx is not None else torch.arange(k)
+                topk_lp[rows, 1:width] = values.cpu()
+                topk_ids[rows, 1:width] = idx.cpu() if idx is not None else torch.arange(k)
         resp = batch.response_mask_BT
         logp_BT = torch.where(resp, logp_BT, 0.0)
         return TeacherOutput(logp_BT, topk_lp, topk_ids)

@@ -9,6 +9,7 @@ schedule live in the checkpoint, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -27,9 +28,9 @@ from kdrl.checkpoint import (
     save_checkpoint,
 )
 from kdrl.config import Config, config_to_dict, dump_config
-from kdrl.data import Prompt, PromptSampler, load_prompts
+from kdrl.data import Prompt, load_prompts
 from kdrl.divergences import DIVERGENCES
-from kdrl.evaluate import evaluate
+from kdrl.evaluate import Answers, evaluate, teacher_reference
 from kdrl.grpo import group_advantages
 from kdrl.metrics import MetricsWriter
 from kdrl.models import load_student, load_teacher, load_tokenizer
@@ -37,6 +38,7 @@ from kdrl.preflight import check_models
 from kdrl.rewards import RewardFn, compute_rewards, get_reward_fn
 from kdrl.rollout import HFRollout, Rollout, RolloutBatch
 from kdrl.run_dir import prepare_output_dir
+from kdrl.sampler import PromptSampler
 from kdrl.schedule import build_optimizer, distill_weight
 from kdrl.teacher import LocalTeacher, Teacher, TeacherOutput
 from kdrl.update import LossSettings, UpdateBatch, policy_update
@@ -62,6 +64,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
+    eval_reference: Answers | None = None
+    """The teacher's greedy answers on the held-out prompts, computed at the first evaluation."""
 
 
 def seed_everything(seed: int) -> None:
@@ -79,10 +83,13 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None) -> Run:
     student = load_student(
         str(checkpoint) if checkpoint else cfg.student.path,
         dtype=cfg.student.dtype, gradient_checkpointing=cfg.student.gradient_checkpointing,
+        device=cfg.train.device,
     )  # fmt: skip
     teacher_model = teacher = None
     if cfg.teacher.path:
-        teacher_model = load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype)
+        teacher_model = load_teacher(
+            cfg.teacher.path, dtype=cfg.teacher.dtype, device=cfg.train.device
+        )
         teacher_tok = load_tokenizer(cfg.teacher.path, key="teacher.path")
         for warning in check_models(
             student, teacher_model, tokenizer, teacher_tok,
@@ -227,17 +234,32 @@ def train_step(run: Run) -> dict[str, float] | None:
 
 
 def run_eval(run: Run) -> dict[str, float]:
+    """Evaluate on the held-out prompts; answers go to ``samples/step-%08d.jsonl``. The first
+    call also records the teacher's greedy answers (``samples/teacher.jsonl``)."""
     if not run.eval_prompts:
         return {}
     cfg = run.cfg
-    metrics, _ = evaluate(
+    limits = dict(max_new_tokens=cfg.rollout.max_new_tokens, reward_fn=run.reward_fn,
+                  correct_threshold=cfg.reward.correct_threshold)  # fmt: skip
+    extra: dict[str, float] = {}
+    if run.teacher_model is not None and run.eval_reference is None:
+        run.eval_reference, extra = teacher_reference(
+            run.teacher_model, run.tokenizer, run.eval_prompts, **limits
+        )
+        _write_rows(run.output_dir / "samples" / "teacher.jsonl", run.eval_reference.rows())
+    metrics, answers = evaluate(
         run.student, run.tokenizer, run.eval_prompts, teacher=run.teacher_model,
-        reward_fn=run.reward_fn, correct_threshold=cfg.reward.correct_threshold,
-        temperature=cfg.eval.temperature, student_temperature=cfg.rollout.temperature,
-        teacher_temperature=cfg.teacher.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-        max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb,
+        reference=run.eval_reference, temperature=cfg.eval.temperature,
+        student_temperature=cfg.rollout.temperature, teacher_temperature=cfg.teacher.temperature,
+        max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb, **limits,
     )  # fmt: skip
-    return metrics
+    _write_rows(run.output_dir / "samples" / f"step-{run.step:08d}.jsonl", answers.rows())
+    return metrics | extra
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
 
 
 def save(run: Run) -> Path:

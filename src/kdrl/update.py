@@ -57,8 +57,10 @@ class UpdateBatch:
 def _forward_logprobs(model, rollout: RolloutBatch, rows: list[int], temperature: float):
     """Student logits and log-probs of the predicted tokens of ``rows`` (shifted layout)."""
     width = int(rollout.attention_mask_BT[rows].sum(1).max())
-    ids = rollout.input_ids_BT[rows, :width]
-    logits_BTV = model(input_ids=ids, attention_mask=rollout.attention_mask_BT[rows, :width]).logits
+    device = next(model.parameters()).device
+    ids = rollout.input_ids_BT[rows, :width].to(device)
+    attn = rollout.attention_mask_BT[rows, :width].to(device)
+    logits_BTV = model(input_ids=ids, attention_mask=attn).logits
     logits_BTV = logits_BTV[:, :-1]
     lp_BT, ent_BT = token_logprobs(
         logits_BTV, ids[:, 1:], temperature=temperature, with_entropy=True
@@ -73,30 +75,33 @@ def recompute_logprobs(model, rollout: RolloutBatch, *, temperature: float, max_
     lengths = rollout.attention_mask_BT.sum(1).tolist()
     for rows in token_budget_microbatches(lengths, max_tokens):
         _, lp_BT, _, width = _forward_logprobs(model, rollout, rows, temperature)
-        out[rows, 1:width] = lp_BT
+        out[rows, 1:width] = lp_BT.cpu()
     return out
 
 
 def _microbatch_loss(model, data: UpdateBatch, rows, old_BT, s: LossSettings, num_tokens):
     r = data.rollout
     logits_BTV, lp_BT, ent_BT, width = _forward_logprobs(model, r, rows, s.student_temperature)
-    mask_BT = r.response_mask_BT[rows, 1:width]
+    device = lp_BT.device
+
+    def take(x: Tensor) -> Tensor:  # this micro-batch's rows, shifted to predicted tokens
+        return x[rows, 1:width].to(device)
+
+    mask_BT = take(r.response_mask_BT)
     teacher = data.teacher
     distribution = None
     if s.kd_estimator in DIVERGENCES and s.distill_loss_weight > 0:
         assert teacher.topk_logprobs_BTK is not None and teacher.topk_ids_BTK is not None
         distribution = TeacherDistribution(
-            logits_BTV,
-            teacher.topk_logprobs_BTK[rows, 1:width],
-            teacher.topk_ids_BTK[rows, 1:width],
+            logits_BTV, take(teacher.topk_logprobs_BTK), take(teacher.topk_ids_BTK)
         )
-    old = lp_BT.detach() if old_BT is None else old_BT[rows, 1:width]
+    old = lp_BT.detach() if old_BT is None else take(old_BT)
     loss, metrics = kdrl_loss(
-        lp_BT, old, teacher.logprobs_BT[rows, 1:width],
-        sequence_to_tokens(data.advantages_B[rows], mask_BT), mask_BT,
+        lp_BT, old, take(teacher.logprobs_BT),
+        sequence_to_tokens(data.advantages_B[rows].to(device), mask_BT), mask_BT,
         rl_loss_weight=s.rl_loss_weight, distill_loss_weight=s.distill_loss_weight,
         kd_estimator=s.kd_estimator, kd_discount=s.kd_discount, kd_eps_clip=s.kd_eps_clip,
-        kd_weights_BT=sequence_to_tokens(data.kd_weights_B[rows], mask_BT),
+        kd_weights_BT=sequence_to_tokens(data.kd_weights_B[rows].to(device), mask_BT),
         distribution=distribution, jsd_beta=s.jsd_beta,
         student_temperature=s.student_temperature, eps_clip=s.eps_clip,
         eps_clip_higher=s.eps_clip_higher, c_clip=s.c_clip, num_tokens=num_tokens,

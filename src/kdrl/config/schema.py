@@ -204,6 +204,8 @@ class TrainConfig:
     """Weights & Biases logging: `off`, `offline` (no network) or `online`."""
     threads: int = 0
     """torch CPU threads; 0 leaves torch's default."""
+    device: str = "auto"
+    """Where the models run: `auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`."""
 
 
 @dataclass
