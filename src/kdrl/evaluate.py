@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from kdrl.data import Prompt
 from kdrl.divergences import full_divergence_loss
+from kdrl.forward import response_window, window_logits
 from kdrl.microbatch import token_budget_microbatches
 from kdrl.rewards import RewardFn, compute_rewards
 from kdrl.rollout import HFRollout, RolloutBatch
@@ -60,13 +61,6 @@ def answer(model, tokenizer, prompts, *, temperature, max_new_tokens, reward_fn)
     return Answers(prompts, texts, rewards, batches)
 
 
-def _forward(model, batch: RolloutBatch, rows: list[int], width: int):
-    ids, attn = batch.input_ids_BT[rows, :width], batch.attention_mask_BT[rows, :width]
-    return model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits[
-        :, :-1
-    ]
-
-
 @torch.no_grad()
 def exact_reverse_kl_sum(student, teacher, batch: RolloutBatch, *, student_temperature: float,
                          teacher_temperature: float, max_tokens_per_mb: int) -> float:  # fmt: skip
@@ -75,12 +69,12 @@ def exact_reverse_kl_sum(student, teacher, batch: RolloutBatch, *, student_tempe
     vocab = student.get_output_embeddings().weight.shape[0]
     total = 0.0
     for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
-        width = max(lengths[i] for i in rows)
-        student_logits = _forward(student, batch, rows, width)
-        teacher_logits = _forward(teacher, batch, rows, width)[..., :vocab].to(student.device)
+        window = response_window(batch, rows)
+        student_logits = window_logits(student, batch, window)
+        teacher_logits = window_logits(teacher, batch, window)[..., :vocab].to(student.device)
         total += full_divergence_loss(
             student_logits, teacher_logits,
-            batch.response_mask_BT[rows, 1:width].to(student.device), kind="reverse_kl",
+            window.take(batch.response_mask_BT, student_logits.device), kind="reverse_kl",
             student_temperature=student_temperature, teacher_temperature=teacher_temperature,
             num_tokens=1.0,
         ).item()  # fmt: skip
@@ -94,10 +88,10 @@ def top1_matches(student, batch: RolloutBatch, *, max_tokens_per_mb: int) -> tup
     lengths = batch.attention_mask_BT.sum(1).tolist()
     hits = 0
     for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
-        width = max(lengths[i] for i in rows)
-        guess = _forward(student, batch, rows, width).argmax(-1).cpu()
-        same = guess == batch.input_ids_BT[rows, 1:width]
-        hits += int((same & batch.response_mask_BT[rows, 1:width]).sum())
+        window = response_window(batch, rows)
+        guess = window_logits(student, batch, window).argmax(-1).cpu()
+        same = guess == window.take(batch.input_ids_BT)
+        hits += int((same & window.take(batch.response_mask_BT)).sum())
     return hits, int(batch.response_mask_BT.sum())
 
 

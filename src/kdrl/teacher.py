@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from kdrl.forward import response_window, window_logits
 from kdrl.logprobs import token_logprobs
 from kdrl.microbatch import token_budget_microbatches
 from kdrl.rollout import RolloutBatch
@@ -61,18 +62,17 @@ class LocalTeacher:
         topk_ids = torch.zeros(b, t, k, dtype=torch.long) if k else None
         lengths = batch.attention_mask_BT.sum(1).tolist()
         for rows in token_budget_microbatches(lengths, self.max_tokens):
-            width = max(lengths[i] for i in rows)
-            device = self.model.device
-            ids = batch.input_ids_BT[rows, :width].to(device)
-            attn = batch.attention_mask_BT[rows, :width].to(device)
-            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1, : self.vocab]
-            lp, _ = token_logprobs(logits, ids[:, 1:], temperature=self.temperature)
-            logp_BT[rows, 1:width] = lp.cpu()
+            window = response_window(batch, rows)
+            logits = window_logits(self.model, batch, window)[..., : self.vocab]
+            ids = window.take(batch.input_ids_BT, logits.device)
+            lp, _ = token_logprobs(logits, ids, temperature=self.temperature)
+            span = (rows, slice(window.start, window.stop))
+            logp_BT[span] = lp.cpu()
             if k:
                 dist = (logits.float() / self.temperature).log_softmax(-1)
                 values, idx = dist.topk(k, dim=-1) if k < self.vocab else (dist, None)
-                topk_lp[rows, 1:width] = values.cpu()
-                topk_ids[rows, 1:width] = idx.cpu() if idx is not None else torch.arange(k)
+                topk_lp[span] = values.cpu()
+                topk_ids[span] = idx.cpu() if idx is not None else torch.arange(k)
         resp = batch.response_mask_BT
         logp_BT = torch.where(resp, logp_BT, 0.0)
         return TeacherOutput(logp_BT, topk_lp, topk_ids)

@@ -2,8 +2,9 @@
 token-budget micro-batches.
 
 Shape legend: ``B`` sequences, ``T`` positions, ``V`` vocabulary, ``K`` teacher top-k. Inside a
-micro-batch every ``*_BT`` tensor is shifted to the *predicted* tokens: column ``j`` is about
-token ``j + 1``, predicted by the logits at position ``j``.
+micro-batch every ``*_BT`` tensor covers the micro-batch's response window (`kdrl.forward`):
+column ``j`` is about token ``window.start + j``, predicted by the logits at the position
+before it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from kdrl.divergences import DIVERGENCES
+from kdrl.forward import response_window, window_logits
 from kdrl.grpo import sequence_to_tokens
 from kdrl.logprobs import token_logprobs
 from kdrl.loss import TeacherDistribution, kdrl_loss
@@ -55,17 +57,12 @@ class UpdateBatch:
 
 
 def _forward_logprobs(model, rollout: RolloutBatch, rows: list[int], temperature: float):
-    """Student logits and log-probs of the predicted tokens of ``rows`` (shifted layout)."""
-    width = int(rollout.attention_mask_BT[rows].sum(1).max())
-    device = next(model.parameters()).device
-    ids = rollout.input_ids_BT[rows, :width].to(device)
-    attn = rollout.attention_mask_BT[rows, :width].to(device)
-    logits_BTV = model(input_ids=ids, attention_mask=attn).logits
-    logits_BTV = logits_BTV[:, :-1]
-    lp_BT, ent_BT = token_logprobs(
-        logits_BTV, ids[:, 1:], temperature=temperature, with_entropy=True
-    )
-    return logits_BTV, lp_BT, ent_BT, width
+    """Student logits and log-probs of the tokens in the response window of ``rows``."""
+    window = response_window(rollout, rows)
+    logits_BTV = window_logits(model, rollout, window)
+    ids_BT = window.take(rollout.input_ids_BT, logits_BTV.device)
+    lp_BT, ent_BT = token_logprobs(logits_BTV, ids_BT, temperature=temperature, with_entropy=True)
+    return logits_BTV, lp_BT, ent_BT, window
 
 
 @torch.no_grad()
@@ -74,18 +71,18 @@ def recompute_logprobs(model, rollout: RolloutBatch, *, temperature: float, max_
     out = torch.zeros(rollout.input_ids_BT.shape, dtype=torch.float32)
     lengths = rollout.attention_mask_BT.sum(1).tolist()
     for rows in token_budget_microbatches(lengths, max_tokens):
-        _, lp_BT, _, width = _forward_logprobs(model, rollout, rows, temperature)
-        out[rows, 1:width] = lp_BT.cpu()
+        _, lp_BT, _, window = _forward_logprobs(model, rollout, rows, temperature)
+        out[rows, window.start : window.stop] = lp_BT.cpu()
     return out
 
 
 def _microbatch_loss(model, data: UpdateBatch, rows, old_BT, s: LossSettings, num_tokens):
     r = data.rollout
-    logits_BTV, lp_BT, ent_BT, width = _forward_logprobs(model, r, rows, s.student_temperature)
+    logits_BTV, lp_BT, ent_BT, window = _forward_logprobs(model, r, rows, s.student_temperature)
     device = lp_BT.device
 
-    def take(x: Tensor) -> Tensor:  # this micro-batch's rows, shifted to predicted tokens
-        return x[rows, 1:width].to(device)
+    def take(x: Tensor) -> Tensor:
+        return window.take(x, device)
 
     mask_BT = take(r.response_mask_BT)
     teacher = data.teacher

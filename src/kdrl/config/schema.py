@@ -57,8 +57,9 @@ class TeacherConfig:
 
     path: str = ""
     """Hugging Face model folder or hub name of the teacher; empty means no teacher (pure RL)."""
-    dtype: DType = "bfloat16"
-    """Dtype the teacher is loaded and run in."""
+    dtype: DType = "float32"
+    """Dtype the teacher is loaded and run in (`bfloat16` halves its memory on GPUs; on CPUs
+    it is only fast with avx512_bf16)."""
     temperature: float = 1.0
     """Temperature of the teacher's log-probs. Explicit: never inherited from the rollout."""
     rl_loss_weight: float = 1.0
