@@ -64,7 +64,10 @@ FACTS = [
 
 def rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
-    capitals = [{"prompt": f"What is the capital of {c}?", "answer": a} for c, a in CAPITALS.items()]
+    capitals = [
+        {"prompt": f"What is the capital of {country}?", "answer": city}
+        for country, city in CAPITALS.items()
+    ]
     facts = [{"prompt": q, "answer": a} for q, a in FACTS]
     pairs = [(a, b) for a in range(2, 20) for b in range(2, 20) if a <= b]
     rng.shuffle(pairs)
