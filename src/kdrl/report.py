@@ -374,11 +374,7 @@ def _plot_throughput(fig: Any, records: list[dict]) -> bool:
         "time/update": "update",
     }
     timed |= _lines(times, records, phases, linewidth=1.5)
-    speed.set(
-        title="Throughput (whole step)",
-        xlabel="training step",
-        ylabel="sampled tokens / s of step time",
-    )
+    speed.set(title="Throughput", xlabel="training step", ylabel="sampled tokens / s of step")
     times.set(title="Time per phase", xlabel="training step", ylabel="seconds per step")
     for ax, present in ((speed, sampled), (times, timed)):
         if present:  # from zero, so that a 5% dip does not look like a collapse
