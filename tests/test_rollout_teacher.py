@@ -100,12 +100,13 @@ def prompts(tok, texts):
                    truncated=False) for i, t in enumerate(texts)]  # fmt: skip
 
 
+@pytest.mark.parametrize("seed", [None, 123])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_behaviour_logprobs_match_a_forward_pass(student, temperature):
+def test_behaviour_logprobs_match_a_forward_pass(student, temperature, seed):
     model, tok = student
     torch.manual_seed(0)
     rollout = HFRollout(model, tok, temperature=temperature, top_p=1.0, max_new_tokens=12)
-    batch = rollout.generate(prompts(tok, ["ab", "hello there", "x"]), n_samples=3)
+    batch = rollout.generate(prompts(tok, ["ab", "hello there", "x"]), n_samples=3, seed=seed)
     assert batch.num_sequences == 9 and batch.prompt_index_B == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
@@ -135,11 +136,12 @@ def test_layout_eos_truncation_and_text(student):
         assert batch.response_texts[b] == tok.decode(resp, skip_special_tokens=True)
 
 
-def test_top_p_restricts_sampling_to_the_nucleus(student):
+@pytest.mark.parametrize("seed", [None, 5])
+def test_top_p_restricts_sampling_to_the_nucleus(student, seed):
     model, tok = student
     torch.manual_seed(2)
     rollout = HFRollout(model, tok, temperature=1.0, top_p=1e-4, max_new_tokens=4)
-    batch = rollout.generate(prompts(tok, ["ab"]), n_samples=6)
+    batch = rollout.generate(prompts(tok, ["ab"]), n_samples=6, seed=seed)
     # A nucleus this small holds one token at each step: all samples agree, with log-prob 0.
     rows = batch.input_ids_BT
     assert all(torch.equal(rows[0], rows[i]) for i in range(6))
@@ -153,10 +155,45 @@ def test_padded_vocabulary_rows_are_never_sampled(tiny_pair):
     with torch.no_grad():
         model.get_output_embeddings().weight[len(tok) :] *= 1000
     torch.manual_seed(3)
-    batch = HFRollout(model, tok, temperature=1.0, top_p=1.0, max_new_tokens=5).generate(
-        prompts(tok, ["ab"]), n_samples=4
-    )
-    assert batch.input_ids_BT.max() < len(tok)
+    rollout = HFRollout(model, tok, temperature=1.0, top_p=1.0, max_new_tokens=5)
+    for seed in (None, 9):
+        batch = rollout.generate(prompts(tok, ["ab"]), n_samples=4, seed=seed)
+        assert batch.input_ids_BT.max() < len(tok)
+
+
+def test_seeded_samples_do_not_depend_on_the_rest_of_the_batch(student):
+    # What makes N data-parallel ranks draw exactly what one process draws.
+    model, tok = student
+    rollout = HFRollout(model, tok, temperature=1.0, top_p=0.95, max_new_tokens=10)
+    ps = prompts(tok, ["ab", "hello there", "x", "q"])
+    whole = rollout.generate(ps, n_samples=2, seed=7)
+    torch.manual_seed(99)  # the global RNG plays no part
+    halves = [rollout.generate(ps[i : i + 2], n_samples=2, seed=7) for i in (0, 2)]
+    again = rollout.generate(ps, n_samples=2, seed=7)
+    other = rollout.generate(ps, n_samples=2, seed=8)
+    assert whole.response_texts == halves[0].response_texts + halves[1].response_texts
+    assert whole.response_texts == again.response_texts
+    assert whole.response_texts != other.response_texts
+    rows = [whole.input_ids_BT[b][whole.attention_mask_BT[b].bool()] for b in range(8)]
+    half_rows = [h.input_ids_BT[b][h.attention_mask_BT[b].bool()] for h in halves for b in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(rows, half_rows, strict=True))
+    torch.testing.assert_close(
+        whole.behav_logprobs_BT[whole.response_mask_BT],
+        torch.cat([h.behav_logprobs_BT[h.response_mask_BT] for h in halves]), atol=1e-5, rtol=0,
+    )  # fmt: skip
+
+
+def test_seeded_sampling_follows_the_model_distribution(student):
+    model, tok = student
+    rollout = HFRollout(model, tok, temperature=1.0, top_p=1.0, max_new_tokens=1)
+    (p,) = prompts(tok, ["ab"])
+    batch = rollout.generate([p], n_samples=2000, seed=11)
+    first = batch.input_ids_BT[:, len(p.ids)]
+    with torch.no_grad():
+        probs = model(input_ids=torch.tensor([p.ids])).logits[0, -1, : len(tok)].softmax(-1)
+    freq = torch.bincount(first, minlength=len(tok)).float() / 2000
+    # Total variation of 2000 draws from this distribution is ~0.05; a wrong sampler is far off.
+    assert 0.5 * (freq - probs).abs().sum() < 0.1
 
 
 def test_model_generation_defaults_do_not_leak_into_sampling(tiny_pair):

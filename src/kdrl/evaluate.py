@@ -42,16 +42,21 @@ class Answers:
         ]  # fmt: skip
 
 
-def answer(model, tokenizer, prompts, *, temperature, max_new_tokens, reward_fn) -> Answers:
-    """Answers of ``model`` (greedy at ``temperature == 0``) on a forked RNG, so evaluating
-    never changes the samples of the training run around it."""
+def answer(
+    model, tokenizer, prompts, *, temperature, max_new_tokens, reward_fn, seed=0, synced=False
+) -> Answers:
+    """Answers of ``model`` (greedy at ``temperature == 0``), each sampled from its own seeded
+    generator: evaluations at different steps share their random numbers, every data-parallel
+    rank gets the same answers, and the training run's RNG is left alone."""
     rollout = HFRollout(
-        model, tokenizer, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens
-    )
+        model, tokenizer, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
+        synced=synced,
+    )  # fmt: skip
     batches = []
     with torch.random.fork_rng():
         for s in range(0, len(prompts), EVAL_CHUNK):
-            batches.append(rollout.generate(prompts[s : s + EVAL_CHUNK], n_samples=1))
+            chunk = prompts[s : s + EVAL_CHUNK]
+            batches.append(rollout.generate(chunk, n_samples=1, seed=seed))
     texts = [t for b in batches for t in b.response_texts]
     rewards = None
     if reward_fn is not None:
@@ -109,6 +114,8 @@ def evaluate(
     teacher_temperature: float,
     max_new_tokens: int,
     max_tokens_per_mb: int,
+    seed: int = 0,
+    synced: bool = False,
 ) -> tuple[dict[str, float], Answers]:
     """The student's answers and ``eval/`` metrics; ``reference`` holds the teacher's greedy
     answers on the same prompts (for agreement), when there is a teacher."""
@@ -116,7 +123,8 @@ def evaluate(
     student.eval()
     try:
         ans = answer(student, tokenizer, prompts, temperature=temperature,
-                     max_new_tokens=max_new_tokens, reward_fn=reward_fn)  # fmt: skip
+                     max_new_tokens=max_new_tokens, reward_fn=reward_fn, seed=seed,
+                     synced=synced)  # fmt: skip
         lengths = torch.cat([b.response_len_B for b in ans.batches]).float()
         truncated = torch.cat([b.truncated_B for b in ans.batches]).float()
         metrics = {
@@ -173,7 +181,7 @@ def evaluate_model(cfg, model: str) -> dict[str, float]:
         model, dtype=cfg.student.dtype, gradient_checkpointing=False, device=device
     )
     teacher = None
-    if cfg.teacher.path:
+    if cfg.teacher.path and cfg.teacher.backend == "local":  # a served teacher has no logits here
         teacher = load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype, device=device)
     prompts = load_prompts(
         cfg.data, tokenizer, path=cfg.eval.path, split=cfg.eval.split, limit=cfg.eval.max_prompts

@@ -11,6 +11,7 @@ The :class:`Rollout` protocol is the seam a faster engine (vLLM) plugs into; the
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,8 +61,22 @@ class RolloutBatch:
         )
 
 
+def sequence_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """The seed of one sampled sequence: a function of the run's step seed, the prompt's row in
+    the data and the sample number only. Samples therefore do not depend on which other prompts
+    share the batch, so N data-parallel ranks draw exactly what one process would."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 class Rollout(Protocol):
-    def generate(self, prompts: list[Prompt], *, n_samples: int) -> RolloutBatch: ...
+    def generate(
+        self, prompts: list[Prompt], *, n_samples: int, seed: int | None = None
+    ) -> RolloutBatch:
+        """``n_samples`` answers per prompt. With ``seed``, sequence ``j`` of prompt ``p`` is
+        drawn from its own generator seeded by ``sequence_seed(seed, p.index, j)``; without,
+        from the global RNG."""
+        ...
 
     def sync_weights(self, model: PreTrainedModel) -> None: ...
 
@@ -75,8 +90,16 @@ class _SampleAndRecord(LogitsProcessor):
     and keeps only one ``[B, V]`` distribution alive.
     """
 
-    def __init__(self, *, temperature: float, top_p: float, vocab: int) -> None:
+    def __init__(
+        self,
+        *,
+        temperature: float,
+        top_p: float,
+        vocab: int,
+        generators: list[torch.Generator] | None = None,
+    ) -> None:
         self.temperature, self.top_p, self.vocab = temperature, top_p, vocab
+        self.generators = generators
         self.prev_logp_BV: Tensor | None = None
         self.recorded: list[Tensor] = []
 
@@ -98,7 +121,17 @@ class _SampleAndRecord(LogitsProcessor):
             drop.scatter_(1, order, mass_before >= self.top_p)
             scores = scores.masked_fill(drop, -torch.inf)
         self.prev_logp_BV = scores.log_softmax(-1)
-        return scores
+        if self.generators is None:
+            return scores
+        # Each row draws from its own generator; generate() then samples from a one-hot
+        # distribution, which picks exactly that token.
+        probs_BV = self.prev_logp_BV.exp()
+        picked_B = torch.cat([
+            torch.multinomial(probs_BV[b], 1, generator=g) for b, g in enumerate(self.generators)
+        ])  # fmt: skip
+        onehot = torch.full_like(scores, -torch.inf)
+        onehot.scatter_(1, picked_B[:, None], 0.0)
+        return onehot
 
 
 class HFRollout:
@@ -112,17 +145,29 @@ class HFRollout:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
+        synced: bool = False,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        # A sharded (FSDP2) model gathers its weights in every forward: all ranks must keep
+        # stepping until the last one is done (`synced_gpus`).
+        self.synced = synced
 
     def sync_weights(self, model: PreTrainedModel) -> None:
         self.model = model  # same process, same parameters: nothing to copy
 
     @torch.no_grad()
-    def generate(self, prompts: list[Prompt], *, n_samples: int) -> RolloutBatch:
+    def generate(
+        self, prompts: list[Prompt], *, n_samples: int, seed: int | None = None
+    ) -> RolloutBatch:
         prompt_ids = [p.ids for p in prompts for _ in range(n_samples)]
         index = [p.index for p in prompts for _ in range(n_samples)]
+        generators = None
+        if seed is not None and self.temperature > 0:
+            generators = [
+                torch.Generator().manual_seed(sequence_seed(seed, p.index, j))
+                for p in prompts for j in range(n_samples)
+            ]  # fmt: skip
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         width = max(len(ids) for ids in prompt_ids)
         left = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
@@ -131,7 +176,10 @@ class HFRollout:
             left[b, width - len(ids) :] = torch.tensor(ids)
             attn[b, width - len(ids) :] = 1
         recorder = _SampleAndRecord(
-            temperature=self.temperature, top_p=self.top_p, vocab=len(self.tokenizer)
+            temperature=self.temperature,
+            top_p=self.top_p,
+            vocab=len(self.tokenizer),
+            generators=generators,
         )
         # top_k=0 disables top-k when sampling (None would become the library default of 50).
         sample = self.temperature > 0
@@ -150,6 +198,7 @@ class HFRollout:
             out = self.model.generate(
                 input_ids=left.to(device), attention_mask=attn.to(device),
                 generation_config=config, logits_processor=LogitsProcessorList([recorder]),
+                synced_gpus=self.synced,
             )  # fmt: skip
         finally:
             self.model.generation_config = saved_defaults

@@ -14,7 +14,8 @@ from kdrl.config import Config, config_to_dict, load_config
 # Keys a resumed run may change: how long and how often, not what is trained.
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.epochs", "train.save_every_steps", "train.keep_checkpoints",
-    "train.tensorboard", "train.wandb", "train.threads", "train.device", "eval.every_steps",
+    "train.tensorboard", "train.wandb", "train.threads", "train.device", "train.parallel",
+    "eval.every_steps",
     "eval.max_prompts",
 }  # fmt: skip
 

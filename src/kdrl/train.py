@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from kdrl.checkpoint import (
     capture_rng_state,
+    checkpoint_path,
     find_latest_checkpoint,
     load_trainer_state,
     restore_rng_state,
@@ -29,18 +30,35 @@ from kdrl.checkpoint import (
 )
 from kdrl.config import Config, config_to_dict, dump_config
 from kdrl.data import Prompt, load_prompts
+from kdrl.distributed import (
+    SINGLE,
+    DistContext,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    device_for,
+    full_model_state_dict,
+    full_optimizer_state_dict,
+    init_from_env,
+    is_sharded,
+    load_full_optimizer_state_dict,
+    reduce_metrics,
+    shutdown,
+    unwrap,
+    wrap_student,
+)
 from kdrl.divergences import DIVERGENCES
+from kdrl.engines import make_rollout, make_teacher
 from kdrl.evaluate import Answers, evaluate, teacher_reference
 from kdrl.grpo import group_advantages
 from kdrl.metrics import MetricsWriter
-from kdrl.models import load_student, load_teacher, load_tokenizer
-from kdrl.preflight import check_models
+from kdrl.models import load_student, load_tokenizer
 from kdrl.rewards import RewardFn, compute_rewards, get_reward_fn
-from kdrl.rollout import HFRollout, Rollout, RolloutBatch
+from kdrl.rollout import Rollout, RolloutBatch, sequence_seed
 from kdrl.run_dir import prepare_output_dir
 from kdrl.sampler import PromptSampler
 from kdrl.schedule import build_optimizer, distill_weight
-from kdrl.teacher import LocalTeacher, Teacher, TeacherOutput
+from kdrl.teacher import Teacher, TeacherOutput
 from kdrl.update import LossSettings, UpdateBatch, policy_update
 
 log = logging.getLogger("kdrl")
@@ -53,6 +71,7 @@ class Run:
     cfg: Config
     output_dir: Path
     student: torch.nn.Module
+    """What the update trains: the Hugging Face model, or its data-parallel wrapper."""
     tokenizer: object
     teacher_model: torch.nn.Module | None
     teacher: Teacher | None
@@ -63,9 +82,15 @@ class Run:
     sampler: PromptSampler
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    ctx: DistContext = SINGLE
     step: int = 0
     eval_reference: Answers | None = None
     """The teacher's greedy answers on the held-out prompts, computed at the first evaluation."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The Hugging Face student (for generation, evaluation and saving)."""
+        return unwrap(self.student)
 
 
 def seed_everything(seed: int) -> None:
@@ -74,33 +99,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cfg: Config, output_dir: Path, checkpoint: Path | None) -> Run:
+def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistContext = SINGLE) -> Run:
     """Load models and data, run the preflight checks, restore a checkpoint if given."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.batch_size % ctx.world:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} does not divide by the {ctx.world} "
+            "data-parallel ranks: every rank needs the same number of prompts"
+        )
     seed_everything(cfg.seed)
+    device = device_for(ctx, cfg.train.device)
     tokenizer = load_tokenizer(cfg.student.path)
     student = load_student(
         str(checkpoint) if checkpoint else cfg.student.path,
         dtype=cfg.student.dtype, gradient_checkpointing=cfg.student.gradient_checkpointing,
-        device=cfg.train.device,
+        device=device,
     )  # fmt: skip
-    teacher_model = teacher = None
-    if cfg.teacher.path:
-        teacher_model = load_teacher(
-            cfg.teacher.path, dtype=cfg.teacher.dtype, device=cfg.train.device
-        )
-        teacher_tok = load_tokenizer(cfg.teacher.path, key="teacher.path")
-        for warning in check_models(
-            student, teacher_model, tokenizer, teacher_tok,
-            student_name=cfg.student.path, teacher_name=cfg.teacher.path,
-        ):  # fmt: skip
-            log.warning("preflight: %s", warning)
-        teacher = LocalTeacher(
-            teacher_model, temperature=cfg.teacher.temperature,
-            max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb,
-            vocab=student.get_output_embeddings().weight.shape[0],
-        )  # fmt: skip
+    hf_student, student = student, wrap_student(student, ctx)
+    teacher_model, teacher = make_teacher(cfg, hf_student, tokenizer, device=device)
     prompts = load_prompts(cfg.data, tokenizer).prompts
     eval_prompts = []
     if cfg.eval.path:
@@ -119,20 +136,22 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None) -> Run:
         warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.lr_schedule,
         min_lr_ratio=cfg.optim.min_lr_ratio,
     )  # fmt: skip
-    rollout = HFRollout(
-        student, tokenizer, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-        max_new_tokens=cfg.rollout.max_new_tokens,
+    rollout = make_rollout(
+        cfg, hf_student, tokenizer, model_path=str(checkpoint or cfg.student.path),
+        sharded=is_sharded(student),
     )  # fmt: skip
     run = Run(
         cfg, output_dir, student, tokenizer, teacher_model, teacher, rollout,
-        get_reward_fn(cfg.reward.fn), prompts, eval_prompts, sampler, optimizer, scheduler,
+        get_reward_fn(cfg.reward.fn), prompts, eval_prompts, sampler, optimizer, scheduler, ctx,
     )  # fmt: skip
     if checkpoint is not None:
         state = load_trainer_state(checkpoint, verify=False)  # verified when it was found
-        optimizer.load_state_dict(state["optimizer"])
+        load_full_optimizer_state_dict(student, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        restore_rng_state(state["rng"])
+        # Each rank continues its own RNG stream when the world size is unchanged.
+        rng = state["rng"]
+        restore_rng_state(rng[ctx.rank] if len(rng) == ctx.world else rng[0])
         run.step = state["step"]
         log.info("resumed from %s at step %d", checkpoint, run.step)
     return run
@@ -171,21 +190,28 @@ def score_teacher(run: Run, batch: RolloutBatch) -> TeacherOutput:
 
 
 def rollout_metrics(run: Run, batch: RolloutBatch, rewards_B, teacher: TeacherOutput):
+    """Per-step rollout metrics over the global batch: sums and counts meet over ranks first."""
     mask = batch.response_mask_BT
-    metrics = {
-        "rollout/len_mean": batch.response_len_B.float().mean().item(),
-        "rollout/truncated_frac": batch.truncated_B.float().mean().item(),
+    sums = {
+        "rollout/len_mean": batch.response_len_B.float().sum().item(),
+        "rollout/truncated_frac": batch.truncated_B.float().sum().item(),
+        "sequences": float(batch.num_sequences),
+        "tokens": float(mask.sum()),
     }
     if run.reward_fn is not None:
-        metrics["reward/mean"] = rewards_B.mean().item()
-        metrics["reward/accuracy"] = (
-            (rewards_B >= run.cfg.reward.correct_threshold).float().mean().item()
-        )
+        sums["reward/mean"] = rewards_B.sum().item()
+        correct = rewards_B >= run.cfg.reward.correct_threshold
+        sums["reward/accuracy"] = correct.float().sum().item()
     if run.teacher is not None:
         # One-token estimate of the per-token reverse KL on the student's own samples.
         log_ratio = torch.where(mask, batch.behav_logprobs_BT - teacher.logprobs_BT, 0.0)
-        metrics["rollout/reverse_kl"] = (log_ratio.sum() / mask.sum().clamp(min=1)).item()
-    return metrics
+        sums["rollout/reverse_kl"] = log_ratio.sum().item()
+    total = reduce_metrics(sums, run.ctx)
+    sequences, tokens = total.pop("sequences"), total.pop("tokens")
+    metrics = {k: v / sequences for k, v in total.items()}
+    if "rollout/reverse_kl" in total:
+        metrics["rollout/reverse_kl"] = total["rollout/reverse_kl"] / max(tokens, 1.0)
+    return metrics, tokens
 
 
 def train_step(run: Run) -> dict[str, float] | None:
@@ -194,9 +220,12 @@ def train_step(run: Run) -> dict[str, float] | None:
     indices = run.sampler.next_batch()
     if indices is None:
         return None
-    prompts = [run.prompts[i] for i in indices]
+    prompts = run.ctx.shard([run.prompts[i] for i in indices])
     t0 = time.perf_counter()
-    batch = run.rollout.generate(prompts, n_samples=cfg.rollout.n_samples)
+    # Seeded per sequence: a prompt's samples do not depend on the rest of the batch or rank.
+    batch = run.rollout.generate(
+        prompts, n_samples=cfg.rollout.n_samples, seed=sequence_seed(cfg.seed, run.step, -1)
+    )
     t1 = time.perf_counter()
     rewards_B = score_rewards(run, batch, prompts)
     t2 = time.perf_counter()
@@ -217,19 +246,20 @@ def train_step(run: Run) -> dict[str, float] | None:
         UpdateBatch(batch, teacher_out, advantages_B, kd_weights_B), settings,
         n_minibatches=cfg.train.ppo_n_minibatches,
         max_tokens_per_mb=cfg.train.mb_spec.max_tokens_per_mb,
-        max_grad_norm=cfg.optim.max_grad_norm,
+        max_grad_norm=cfg.optim.max_grad_norm, ctx=run.ctx,
     )  # fmt: skip
-    run.rollout.sync_weights(run.student)
+    run.rollout.sync_weights(run.model)
     t4 = time.perf_counter()
     run.step += 1
-    tokens = int(batch.response_mask_BT.sum())
-    return {
-        **rollout_metrics(run, batch, rewards_B, teacher_out),
-        **metrics,
-        "kd/weight": settings.distill_loss_weight,
+    roll, tokens = rollout_metrics(run, batch, rewards_B, teacher_out)
+    # A step lasts as long as its slowest rank.
+    times = reduce_metrics({}, run.ctx, maxes={
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/teacher": t3 - t2,
         "time/update": t4 - t3, "time/step": t4 - t0,
-        "perf/response_tokens_per_s": tokens / max(t4 - t0, 1e-9),
+    })  # fmt: skip
+    return {
+        **roll, **metrics, "kd/weight": settings.distill_loss_weight, **times,
+        "perf/response_tokens_per_s": tokens / max(times["time/step"], 1e-9),
     }  # fmt: skip
 
 
@@ -246,14 +276,19 @@ def run_eval(run: Run) -> dict[str, float]:
         run.eval_reference, extra = teacher_reference(
             run.teacher_model, run.tokenizer, run.eval_prompts, **limits
         )
-        _write_rows(run.output_dir / "samples" / "teacher.jsonl", run.eval_reference.rows())
+        if run.ctx.is_main:
+            _write_rows(run.output_dir / "samples" / "teacher.jsonl", run.eval_reference.rows())
+    # Every rank evaluates the same prompts with the same seed (a sharded student needs all
+    # ranks in each forward pass); rank 0 writes.
     metrics, answers = evaluate(
-        run.student, run.tokenizer, run.eval_prompts, teacher=run.teacher_model,
+        run.model, run.tokenizer, run.eval_prompts, teacher=run.teacher_model,
         reference=run.eval_reference, temperature=cfg.eval.temperature,
         student_temperature=cfg.rollout.temperature, teacher_temperature=cfg.teacher.temperature,
         max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb, **limits,
+        seed=sequence_seed(cfg.seed, -1, -1), synced=is_sharded(run.student),
     )  # fmt: skip
-    _write_rows(run.output_dir / "samples" / f"step-{run.step:08d}.jsonl", answers.rows())
+    if run.ctx.is_main:
+        _write_rows(run.output_dir / "samples" / f"step-{run.step:08d}.jsonl", answers.rows())
     return metrics | extra
 
 
@@ -262,34 +297,57 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
 
 
-def save(run: Run) -> Path:
+def save(run: Run) -> Path | None:
+    """Write a checkpoint a single process can load: weights and optimizer state gathered whole
+    (collectives: every rank calls this), written by rank 0; the path on rank 0, None elsewhere."""
+    weights = full_model_state_dict(run.student) if run.ctx.enabled else None
     state = {
         "step": run.step,
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": full_optimizer_state_dict(run.student, run.optimizer),
         "scheduler": run.scheduler.state_dict(),
         "sampler": run.sampler.state_dict(),
-        "rng": capture_rng_state(),
+        "rng": all_gather_objects(capture_rng_state(), run.ctx),
     }
-    return save_checkpoint(
-        run.output_dir, run.step, model=run.student, tokenizer=run.tokenizer,
-        trainer_state=state, keep=run.cfg.train.keep_checkpoints,
-    )  # fmt: skip
+    path = None
+    if run.ctx.is_main:
+        path = save_checkpoint(
+            run.output_dir, run.step, model=run.model, tokenizer=run.tokenizer,
+            trainer_state=state, keep=run.cfg.train.keep_checkpoints, state_dict=weights,
+        )  # fmt: skip
+    barrier(run.ctx)
+    return path
 
 
 def train(cfg: Config, *, resume: bool = False, force: bool = False) -> Path:
-    """Run training to the end; returns the final checkpoint (a Hugging Face model folder)."""
-    output_dir = prepare_output_dir(cfg, resume=resume, force=force)
-    checkpoint = find_latest_checkpoint(output_dir) if resume else None
-    run = build(cfg, output_dir, checkpoint)
-    dump_config(cfg, output_dir / "config.yaml")
+    """Run training to the end; returns the final checkpoint (a Hugging Face model folder).
+
+    Under ``torchrun`` every rank runs this; rank 0 alone touches the run directory."""
+    ctx = init_from_env(cfg.train.parallel, cfg.train.device)
+    try:
+        return _train(cfg, ctx, resume=resume, force=force)
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: Config, ctx: DistContext, *, resume: bool, force: bool) -> Path:
+    output_dir, checkpoint = None, None
+    if ctx.is_main:
+        output_dir = prepare_output_dir(cfg, resume=resume, force=force)
+        checkpoint = find_latest_checkpoint(output_dir) if resume else None
+    output_dir, checkpoint = broadcast_object((output_dir, checkpoint), ctx)
+    run = build(cfg, output_dir, checkpoint, ctx)
+    if ctx.is_main:
+        dump_config(cfg, output_dir / "config.yaml")
     every, eval_every = cfg.train.save_every_steps, cfg.eval.every_steps
     with MetricsWriter(
         output_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
         config=config_to_dict(cfg), resume_step=run.step if checkpoint else None,
+        enabled=ctx.is_main,
     ) as writer:  # fmt: skip
         if run.step == 0 and run.eval_prompts:
             writer.write(0, run_eval(run))
-        bar = tqdm(total=run.sampler.total_steps, initial=run.step, desc="kdrl train", unit="step")
+        bar = tqdm(total=run.sampler.total_steps, initial=run.step, desc="kdrl train",
+                   unit="step", disable=not ctx.is_main)  # fmt: skip
         last_saved = run.step if checkpoint else -1
         while (metrics := train_step(run)) is not None:
             last = run.step >= run.sampler.total_steps
@@ -302,10 +360,9 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> Path:
                 save(run)
                 last_saved = run.step
         bar.close()
-        final = save(run) if last_saved != run.step else find_latest_checkpoint(output_dir)
+        final = save(run) if last_saved != run.step else checkpoint_path(output_dir, run.step)
     log.info("done: %d steps; final model in %s", run.step, final)
-    assert final is not None
-    return final
+    return checkpoint_path(output_dir, run.step)
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kdrl.distributed import SINGLE, DistContext, all_reduce, no_grad_sync, reduce_metrics
 from kdrl.divergences import DIVERGENCES
 from kdrl.forward import response_window, window_logits
 from kdrl.grpo import sequence_to_tokens
@@ -65,14 +66,26 @@ def _forward_logprobs(model, rollout: RolloutBatch, rows: list[int], temperature
     return logits_BTV, lp_BT, ent_BT, window
 
 
+def _padded_microbatches(lengths: list[int], max_tokens: int, ctx: DistContext):
+    """Token-budget micro-batches, then as many repeats of the first as it takes for every rank
+    to run the same number of forward/backward passes (FSDP2 gathers parameters in each one).
+    Yields ``(rows, is_padding)``."""
+    groups = token_budget_microbatches(lengths, max_tokens)
+    (most,) = all_reduce([len(groups)], ctx, "max")
+    return [(g, False) for g in groups] + [(groups[0], True)] * (int(most) - len(groups))
+
+
 @torch.no_grad()
-def recompute_logprobs(model, rollout: RolloutBatch, *, temperature: float, max_tokens: int):
+def recompute_logprobs(
+    model, rollout: RolloutBatch, *, temperature: float, max_tokens: int, ctx=SINGLE
+):
     """Log-probs of every token under the current student (PPO's "old" policy), ``[B, T]``."""
     out = torch.zeros(rollout.input_ids_BT.shape, dtype=torch.float32)
     lengths = rollout.attention_mask_BT.sum(1).tolist()
-    for rows in token_budget_microbatches(lengths, max_tokens):
+    for rows, padding in _padded_microbatches(lengths, max_tokens, ctx):
         _, lp_BT, _, window = _forward_logprobs(model, rollout, rows, temperature)
-        out[rows, window.start : window.stop] = lp_BT.cpu()
+        if not padding:
+            out[rows, window.start : window.stop] = lp_BT.cpu()
     return out
 
 
@@ -117,9 +130,15 @@ def policy_update(
     n_minibatches: int,
     max_tokens_per_mb: int,
     max_grad_norm: float,
+    ctx: DistContext = SINGLE,
 ) -> dict[str, float]:
     """``n_minibatches`` optimizer steps over consecutive shares of the batch. Each step's loss
-    is normalised by its share's response-token count; metrics are averaged over steps."""
+    is normalised by its share's response-token count; metrics are averaged over steps.
+
+    Under data parallelism (``ctx``) ``data`` is this rank's share: the token count is summed
+    over ranks and each rank's loss multiplied by the world size (the wrapper averages
+    gradients), so the update equals one process's on the global batch.
+    """
     b = data.rollout.num_sequences
     if not 1 <= n_minibatches <= b:
         raise ValueError(f"ppo_n_minibatches must be in [1, {b}] for {b} sequences")
@@ -127,26 +146,37 @@ def policy_update(
     if n_minibatches > 1:  # later minibatches are off-policy: keep the pre-update log-probs
         old_BT = recompute_logprobs(
             model, data.rollout, temperature=settings.student_temperature,
-            max_tokens=max_tokens_per_mb,
+            max_tokens=max_tokens_per_mb, ctx=ctx,
         )  # fmt: skip
     bounds = [round(i * b / n_minibatches) for i in range(n_minibatches + 1)]
     totals: dict[str, float] = defaultdict(float)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The optimizer's own list: under FSDP2, `model.parameters()` may return the root module's
+    # unsharded views between a forward and the reshard, which never receive gradients.
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     for lo, hi in itertools.pairwise(bounds):
         share = list(range(lo, hi))
-        num_tokens = float(data.rollout.response_mask_BT[share, 1:].sum().clamp(min=1))
+        (num_tokens,) = all_reduce([float(data.rollout.response_mask_BT[share, 1:].sum())], ctx)
+        num_tokens = max(num_tokens, 1.0)
         lengths = data.rollout.attention_mask_BT[share].sum(1).tolist()
-        for group in token_budget_microbatches(lengths, max_tokens_per_mb):
-            rows = [share[i] for i in group]
-            loss, metrics = _microbatch_loss(model, data, rows, old_BT, settings, num_tokens)
-            if not torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"non-finite loss {loss.item()} ({metrics})")
-            loss.backward()
-            for key, value in metrics.items():
-                totals[key] += value / n_minibatches
+        groups = _padded_microbatches(lengths, max_tokens_per_mb, ctx)
+        for i, (group, padding) in enumerate(groups):
+            rows = [share[j] for j in group]
+            with no_grad_sync(model, enabled=i < len(groups) - 1):
+                loss, metrics = _microbatch_loss(model, data, rows, old_BT, settings, num_tokens)
+                (bad,) = all_reduce([0.0 if torch.isfinite(loss) else 1.0], ctx, "max")
+                if bad:  # on any rank: every rank stops before its optimizer step
+                    optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteError(f"non-finite loss {loss.item()} ({metrics})")
+                (loss * (0.0 if padding else ctx.world)).backward()
+            if not padding:
+                for key, value in metrics.items():
+                    totals[key] += value / n_minibatches
         clip = max_grad_norm if max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        # Under FSDP2 the norm is a DTensor over the shards; its full value is the global norm.
+        grad_norm = float(
+            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        )
         if not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"non-finite gradient norm {grad_norm}")
@@ -155,4 +185,7 @@ def policy_update(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return dict(totals)
+    # Loss-type metrics are token sums over the global count: adding the ranks' shares gives the
+    # global value. The gradient norm and learning rate are already global.
+    optim = {k: v for k, v in totals.items() if k.startswith("optim/")}
+    return reduce_metrics({k: v for k, v in totals.items() if k not in optim}, ctx) | optim

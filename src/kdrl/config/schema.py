@@ -15,6 +15,9 @@ KDEstimator = Literal["pg", "k2", "seed_k1", "forward_kl", "reverse_kl", "jsd"]
 OverlongPolicy = Literal["error", "skip", "truncate_left"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 WandbMode = Literal["off", "offline", "online"]
+RolloutBackend = Literal["hf", "vllm"]
+TeacherBackend = Literal["local", "http", "openai"]
+ParallelStrategy = Literal["fsdp", "ddp"]
 
 
 @dataclass
@@ -30,6 +33,21 @@ class StudentConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The in-process vLLM engine of `rollout.backend: vllm`."""
+
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory vLLM may take (weights + KV cache); the trainer needs the rest."""
+    cpu_kvcache_gb: float = 1.0
+    """KV cache size in GiB on a CPU (`VLLM_CPU_KVCACHE_SPACE`)."""
+    max_model_len: int = 0
+    """Longest prompt + response the engine accepts; 0 is `data.max_prompt_tokens +
+    rollout.max_new_tokens`."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph capture (faster start; set false for long GPU runs)."""
+
+
+@dataclass
 class RolloutConfig:
     """How the student samples its own answers (on-policy)."""
 
@@ -41,6 +59,12 @@ class RolloutConfig:
     """Nucleus sampling mass; 1.0 disables it."""
     max_new_tokens: int = 256
     """Longest completion; longer ones are cut and flagged as truncated."""
+    backend: RolloutBackend = "hf"
+    """Sampling engine: `hf` (transformers `generate` on the training model) or `vllm` (an
+    in-process vLLM engine that receives the new weights after every optimizer step; needs
+    `pip install 'kdrl[vllm]'`). Both sample from the same distribution; see docs/scaling.md."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Engine settings for `backend: vllm`."""
 
 
 @dataclass
@@ -56,7 +80,8 @@ class TeacherConfig:
     """The frozen teacher and the distillation term of the loss."""
 
     path: str = ""
-    """Hugging Face model folder or hub name of the teacher; empty means no teacher (pure RL)."""
+    """Hugging Face model folder or hub name of the teacher; empty means no teacher (pure RL).
+    With `backend: openai` it is the model name the server serves."""
     dtype: DType = "float32"
     """Dtype the teacher is loaded and run in (`bfloat16` halves its memory on GPUs; on CPUs
     it is only fast with avx512_bf16)."""
@@ -90,6 +115,16 @@ class TeacherConfig:
     """Teacher top-k (plus one tail bucket) for full-distribution divergences; null is full."""
     mb_spec: MicroBatchSpec = field(default_factory=MicroBatchSpec)
     """Micro-batching of teacher scoring."""
+    backend: TeacherBackend = "local"
+    """Where the teacher runs: `local` (loaded in this process), `http` (a `kdrl serve-teacher`
+    server at `url`), or `openai` (a vLLM OpenAI-compatible server at `url`, read through its
+    prompt log-probs; sampled-token estimators only)."""
+    url: str = ""
+    """Base URL of the teacher server for `http` / `openai` (e.g. `http://10.0.0.2:8000`)."""
+    timeout_s: float = 300.0
+    """Seconds one teacher request may take before it is retried."""
+    max_retries: int = 5
+    """Retries of a failed teacher request (exponential backoff) before the run stops."""
 
 
 @dataclass
@@ -206,7 +241,11 @@ class TrainConfig:
     threads: int = 0
     """torch CPU threads; 0 leaves torch's default."""
     device: str = "auto"
-    """Where the models run: `auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`."""
+    """Where the models run: `auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`.
+    Under torchrun `auto` and `cuda` mean each rank's own GPU."""
+    parallel: ParallelStrategy = "fsdp"
+    """Data parallelism under `torchrun`: `fsdp` shards the student (FSDP2), `ddp` replicates
+    it. Ignored in a single process. `batch_size` must divide by the number of ranks."""
 
 
 @dataclass

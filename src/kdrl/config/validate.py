@@ -60,6 +60,11 @@ _RANGES: dict[str, Rule] = {
     "teacher.jsd_beta": _within(0, 1),
     "teacher.top_k": _or_null(_ge(1)),
     "teacher.mb_spec.max_tokens_per_mb": _ge(1),
+    "teacher.timeout_s": _gt(0),
+    "teacher.max_retries": _ge(0),
+    "rollout.vllm.gpu_memory_utilization": _within(0, 1, open_lo=True),
+    "rollout.vllm.cpu_kvcache_gb": _gt(0),
+    "rollout.vllm.max_model_len": _ge(0),
     "grpo.eps_clip": _gt(0),
     "grpo.eps_clip_higher": _or_null(_gt(0)),
     "grpo.c_clip": _or_null(_gt(1)),
@@ -124,7 +129,22 @@ def _check_loss_terms(cfg: Config) -> None:
             "a task reward (every advantage would be 0); set reward.fn (e.g. reward.fn=gsm8k) "
             "or teacher.rl_loss_weight=0 for pure distillation"
         )
-    if cfg.data.path and t.distill_loss_weight > 0 and not t.path:
+    if t.backend != "local" and not t.url:
+        raise ConfigError(
+            f"teacher.url is empty but teacher.backend is {t.backend!r}: give the server's base "
+            "URL (e.g. teacher.url=http://127.0.0.1:8000), or teacher.backend=local"
+        )
+    if t.backend == "openai" and not t.path:
+        raise ConfigError(
+            "teacher.path is empty but teacher.backend is 'openai': give the model name the "
+            "server serves (the `model` field of its requests)"
+        )
+    if t.backend == "local" and t.url:
+        raise ConfigError(
+            f"teacher.url is {t.url!r} but teacher.backend is 'local': set teacher.backend=http "
+            "(a kdrl serve-teacher server) or teacher.backend=openai (vllm serve)"
+        )
+    if cfg.data.path and t.distill_loss_weight > 0 and not has_teacher(cfg):
         raise ConfigError(
             f"teacher.path is empty but teacher.distill_loss_weight is {t.distill_loss_weight!r}: "
             "distillation needs a teacher; set teacher.path, or teacher.distill_loss_weight=0 "
@@ -138,8 +158,19 @@ def _check_loss_terms(cfg: Config) -> None:
         )
 
 
+def has_teacher(cfg: Config) -> bool:
+    """A teacher is configured: a model to load, or a server to ask."""
+    return bool(cfg.teacher.path) or cfg.teacher.backend != "local"
+
+
 def _check_estimator(cfg: Config) -> None:
     t = cfg.teacher
+    if t.backend == "openai" and t.kd_estimator in _FULL_DISTRIBUTION:
+        raise ConfigError(
+            f"teacher.kd_estimator {t.kd_estimator!r} needs the teacher's distribution, which "
+            "teacher.backend=openai does not give (its prompt log-probs are of the sampled "
+            "tokens); use pg, k2 or seed_k1, or teacher.backend=http"
+        )
     reason = _NO_DISCOUNT_REASON.get(t.kd_estimator)
     if reason and t.kd_discount != 0:
         raise ConfigError(
