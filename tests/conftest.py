@@ -22,3 +22,14 @@ def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     teacher_model = tiny_causal_lm(tok, hidden=48, layers=3, vocab_rows=len(tok) + 5, seed=2)
     teacher = save_tiny(root / "teacher", tok, teacher_model)
     return student, teacher
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module, restored afterwards."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kdrl.data import Prompt
 from kdrl.rollout import HFRollout, RolloutBatch
 from kdrl.teacher import LocalTeacher
+from loopback import batch_of
 
 V = 7
 
@@ -35,16 +36,7 @@ def expected_logprob(prev: int, tok: int, temperature: float) -> float:
 
 def make_batch(rows: list[tuple[list[int], list[int]]], pad: int) -> RolloutBatch:
     """Right-padded [prompt | response] rows, like HFRollout produces."""
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad)
-    attn = torch.zeros_like(ids)
-    resp = torch.zeros_like(ids, dtype=torch.bool)
-    for b, (p, r) in enumerate(rows):
-        ids[b, : len(p) + len(r)] = torch.tensor(p + r)
-        attn[b, : len(p) + len(r)] = 1
-        resp[b, len(p) : len(p) + len(r)] = True
-    return RolloutBatch(ids, attn, resp, torch.zeros(ids.shape), list(range(len(rows))),
-                        torch.zeros(len(rows), dtype=torch.bool))  # fmt: skip
+    return batch_of(rows, pad=pad)
 
 
 # pad == eos == 6; a one-token response; prompts of different lengths; a response that ends in

@@ -130,6 +130,58 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_teacher(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, metavar="PATH",
+        help="the teacher: a Hugging Face model folder or hub name",
+    )  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--temperature", type=float, default=1.0,
+        help="the teacher's temperature (the trainer's teacher.temperature)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-tokens-per-mb", type=int, default=16384, metavar="N",
+        help="token budget of one forward pass (the trainer's teacher.mb_spec.max_tokens_per_mb)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vocab", type=int, default=None, metavar="N",
+        help="normalise over the first N token ids, as in-process scoring does with the "
+        "student's output rows (default: all of the teacher's output rows)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="debug logs every request",
+    )  # fmt: skip
+    parser.set_defaults(func=_run_serve_teacher)
+
+
+def _run_serve_teacher(args: argparse.Namespace) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from kdrl.teacher_server import serve
+    except ImportError as err:
+        raise ValueError(
+            f"kdrl serve-teacher needs starlette and uvicorn ({err}): pip install 'kdrl[serve]'"
+        ) from err
+    if args.temperature <= 0 or args.max_tokens_per_mb < 1:
+        raise ValueError("--temperature must be > 0 and --max-tokens-per-mb >= 1")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    serve(
+        args.model, host=args.host, port=args.port, log_level=args.log_level, dtype=args.dtype,
+        device=args.device, temperature=args.temperature,
+        max_tokens_per_mb=args.max_tokens_per_mb, vocab=args.vocab,
+    )  # fmt: skip
+    return 0
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -155,6 +207,10 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "config": (
         "print the resolved, validated config (file, then overrides in order) as YAML",
         _add_config,
+    ),
+    "serve-teacher": (
+        "serve a frozen teacher over HTTP for a trainer on another process or machine",
+        _add_serve_teacher,
     ),
 }
 

@@ -1,11 +1,13 @@
 """Teacher scoring: the teacher's log-probs of the student's sampled tokens.
 
-Shape legend: ``B`` sequences, ``T`` positions, ``V`` vocabulary, ``K`` top-k. Outputs are
-aligned with ``RolloutBatch.input_ids_BT``: position ``t`` holds ``log p_T(x_t | x_<t)``, read
-from the teacher's logits at position ``t - 1`` (the prediction position). Off-response
-positions hold 0 and are masked by the loss.
+Shape legend: ``B`` sequences, ``T`` positions, ``V`` vocabulary, ``K`` top-k, ``C`` candidate
+ids per position. Outputs are aligned with ``RolloutBatch.input_ids_BT``: position ``t`` holds
+``log p_T(x_t | x_<t)``, read from the teacher's logits at position ``t - 1`` (the prediction
+position). Off-response positions hold 0 and are masked by the loss.
 
-The :class:`Teacher` protocol is the seam for a teacher in another process or machine.
+The :class:`Teacher` protocol is the seam for a teacher in another process or machine
+(:mod:`kdrl.teacher_http` for ``kdrl serve-teacher``, :mod:`kdrl.teacher_openai` for ``vllm
+serve``).
 """
 
 from __future__ import annotations
@@ -31,13 +33,45 @@ class TeacherOutput:
     """Teacher's top-k log-probs per response position (normalised over the whole vocabulary)."""
     topk_ids_BTK: Tensor | None = None
     """The ids of ``topk_logprobs_BTK``."""
+    candidate_logprobs_BTC: Tensor | None = None
+    """Teacher log-probs of the ids asked for in ``candidate_ids_BTC`` (normalised over the whole
+    vocabulary, float32; 0 off response positions)."""
 
 
 class Teacher(Protocol):
-    def score(self, batch: RolloutBatch, *, top_k: int) -> TeacherOutput:
+    def score(
+        self, batch: RolloutBatch, *, top_k: int = 0, candidate_ids_BTC: Tensor | None = None
+    ) -> TeacherOutput:
         """Log-probs of the sampled tokens; with ``top_k > 0`` also the top-k distribution
-        (``top_k >= V`` gives the full distribution)."""
+        (``top_k >= V`` gives the full distribution); with ``candidate_ids_BTC`` (int64,
+        ``[B, T, C]`` aligned with ``input_ids_BT``, read at response positions only) also the
+        log-probs of exactly those ids, e.g. the student's own top-k, so a divergence can be
+        taken on the student's support without shipping the teacher's whole distribution."""
         ...
+
+
+def check_candidate_ids(batch: RolloutBatch, candidate_ids_BTC: Tensor, vocab: int) -> None:
+    """``ValueError`` naming the first row and position whose candidate ids are unusable.
+
+    Only response positions are read, so callers may leave anything (e.g. -1) elsewhere.
+    """
+    shape = tuple(candidate_ids_BTC.shape)
+    if candidate_ids_BTC.dim() != 3 or shape[:2] != tuple(batch.input_ids_BT.shape):
+        raise ValueError(
+            f"candidate_ids_BTC must be [B, T, C] = [{batch.num_sequences}, "
+            f"{batch.input_ids_BT.shape[1]}, C], got {list(shape)}"
+        )
+    dtype = candidate_ids_BTC.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool or shape[2] < 1:
+        raise ValueError(f"candidate_ids_BTC must hold C >= 1 integer ids, got {shape} {dtype}")
+    bad_BT = ((candidate_ids_BTC < 0) | (candidate_ids_BTC >= vocab)).any(-1)
+    bad_BT &= batch.response_mask_BT
+    if bad_BT.any():
+        row, pos = (int(i) for i in bad_BT.nonzero()[0])
+        raise ValueError(
+            f"candidate_ids_BTC row {row} position {pos}: ids must lie in [0, {vocab}), got "
+            f"{candidate_ids_BTC[row, pos].tolist()}"
+        )
 
 
 class LocalTeacher:
@@ -54,12 +88,20 @@ class LocalTeacher:
         self.vocab = vocab
 
     @torch.inference_mode()
-    def score(self, batch: RolloutBatch, *, top_k: int = 0) -> TeacherOutput:
+    def score(
+        self, batch: RolloutBatch, *, top_k: int = 0, candidate_ids_BTC: Tensor | None = None
+    ) -> TeacherOutput:
         b, t = batch.input_ids_BT.shape
         logp_BT = torch.zeros(b, t, dtype=torch.float32)
         k = min(top_k, self.vocab)
         topk_lp = torch.zeros(b, t, k, dtype=torch.float32) if k else None
         topk_ids = torch.zeros(b, t, k, dtype=torch.long) if k else None
+        cand_lp = None
+        if candidate_ids_BTC is not None:
+            check_candidate_ids(batch, candidate_ids_BTC, self.vocab)
+            # Off-response entries may be anything; clamp them so the gather stays in range.
+            candidate_ids_BTC = candidate_ids_BTC.long().clamp(0, self.vocab - 1)
+            cand_lp = torch.zeros(candidate_ids_BTC.shape, dtype=torch.float32)
         lengths = batch.attention_mask_BT.sum(1).tolist()
         for rows in token_budget_microbatches(lengths, self.max_tokens):
             window = response_window(batch, rows)
@@ -73,6 +115,14 @@ class LocalTeacher:
                 values, idx = dist.topk(k, dim=-1) if k < self.vocab else (dist, None)
                 topk_lp[span] = values.cpu()
                 topk_ids[span] = idx.cpu() if idx is not None else torch.arange(k)
+            if cand_lp is not None:
+                # The same arithmetic as token_logprobs (scaled logit minus logsumexp), so a
+                # candidate equal to the sampled token gets the same value as logprobs_BT.
+                x = logits.to(lp.dtype) / self.temperature
+                cand = window.take(candidate_ids_BTC, logits.device)
+                cand_lp[span] = (x.gather(-1, cand) - x.logsumexp(-1, keepdim=True)).cpu()
         resp = batch.response_mask_BT
         logp_BT = torch.where(resp, logp_BT, 0.0)
-        return TeacherOutput(logp_BT, topk_lp, topk_ids)
+        if cand_lp is not None:
+            cand_lp = torch.where(resp[..., None], cand_lp, 0.0)
+        return TeacherOutput(logp_BT, topk_lp, topk_ids, cand_lp)

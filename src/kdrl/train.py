@@ -346,20 +346,20 @@ def _train(cfg: Config, ctx: DistContext, *, resume: bool, force: bool) -> Path:
     ) as writer:  # fmt: skip
         if run.step == 0 and run.eval_prompts:
             writer.write(0, run_eval(run))
-        bar = tqdm(total=run.sampler.total_steps, initial=run.step, desc="kdrl train",
-                   unit="step", disable=not ctx.is_main)  # fmt: skip
         last_saved = run.step if checkpoint else -1
-        while (metrics := train_step(run)) is not None:
-            last = run.step >= run.sampler.total_steps
-            if last or (eval_every and run.step % eval_every == 0):
-                metrics |= run_eval(run)
-            writer.write(run.step, metrics)
-            bar.update(1)
-            bar.set_postfix(_postfix(metrics), refresh=False)
-            if every and run.step % every == 0:
-                save(run)
-                last_saved = run.step
-        bar.close()
+        # Closed on errors too, so the error message is the last thing on the terminal.
+        with tqdm(total=run.sampler.total_steps, initial=run.step, desc="kdrl train",
+                  unit="step", disable=not ctx.is_main) as bar:  # fmt: skip
+            while (metrics := train_step(run)) is not None:
+                last = run.step >= run.sampler.total_steps
+                if last or (eval_every and run.step % eval_every == 0):
+                    metrics |= run_eval(run)
+                writer.write(run.step, metrics)
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics), refresh=False)
+                if every and run.step % every == 0:
+                    save(run)
+                    last_saved = run.step
         final = save(run) if last_saved != run.step else checkpoint_path(output_dir, run.step)
     log.info("done: %d steps; final model in %s", run.step, final)
     return checkpoint_path(output_dir, run.step)
