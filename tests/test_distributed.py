@@ -78,8 +78,9 @@ def test_two_ranks_match_one_process(tiny_pair, data, single, tmp_path, parallel
     # The checkpoint is a plain Hugging Face folder one process loads, equal to the
     # single-process weights.
     final = out / "checkpoints" / "step-00000004"
-    want, got = load_file(single / "checkpoints/step-00000004/model.safetensors"), load_file(
-        final / "model.safetensors"
+    want, got = (
+        load_file(single / "checkpoints/step-00000004/model.safetensors"),
+        load_file(final / "model.safetensors"),
     )
     assert want.keys() == got.keys()
     for k in want:

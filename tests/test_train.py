@@ -163,3 +163,27 @@ def test_distillation_weight_follows_its_schedule(tiny_pair, prompts_file, tmp_p
     train(cfg)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["kd/weight"] for r in rows] == pytest.approx([0.5, 0.3, 0.1])
+
+
+def test_padded_vocabulary_rows_never_enter_the_trained_policy(prompts_file, tmp_path):
+    """Qwen-style padded output rows (ids past the tokenizer) are masked by the sampler; the
+    trainer must normalise over the same ids, or it trains another policy than the one that
+    sampled. Dominant padded rows make any mismatch huge (~100 nats a token)."""
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden=32, layers=2, vocab_rows=len(tok) + 5, seed=3)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tok) :] *= 1000
+    student = save_tiny(tmp_path / "padded", tok, model)
+    teacher = save_tiny(tmp_path / "teacher", tok, tiny_causal_lm(tok, hidden=32, layers=2, seed=4))
+    cfg = load_config(None, [
+        f"student.path={student}", f"teacher.path={teacher}", f"data.path={prompts_file}",
+        "data.chat_template=false", "teacher.rl_loss_weight=0", "teacher.distill_loss_weight=1",
+        "train.batch_size=2", "rollout.n_samples=2", "rollout.max_new_tokens=8",
+        "optim.lr=1e-2", "train.max_steps=3", "train.tensorboard=false",
+        f"train.output_dir={tmp_path / 'run'}", f"eval.path={prompts_file}", "eval.max_prompts=2",
+    ])  # fmt: skip
+    train(cfg)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    gaps = [r["actor/behav_logprob_gap"] for r in rows if "actor/behav_logprob_gap" in r]
+    assert len(gaps) == 3 and max(gaps) < 1e-4, gaps
+    assert all(r["eval/reverse_kl"] < 50 for r in rows if "eval/reverse_kl" in r), rows

@@ -69,6 +69,7 @@ def init_from_env(strategy: str, device: str = "cpu") -> DistContext:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the process group (a vLLM engine's ``close`` may already have destroyed it)."""
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -207,20 +208,21 @@ def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(unwrap(model), options=options)
 
 
-def full_optimizer_state_dict(model: torch.nn.Module, optimizer) -> dict:
+def full_optimizer_state_dict(model: torch.nn.Module, optimizer, ctx: DistContext) -> dict:
     """The optimizer's state keyed by parameter name, unsharded, so a checkpoint resumes at any
-    world size. A collective under torchrun; rank 0 gets the tensors."""
+    world size. A collective under torchrun; rank 0 gets the tensors. (Decided by ``ctx``, not
+    by ``dist.is_initialized()``: an in-process vLLM engine initialises a world of one.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = None
-    if dist.is_initialized():
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True) if ctx.enabled else None
     return get_optimizer_state_dict(unwrap(model), optimizer, options=options)
 
 
-def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer, state: dict) -> None:
+def load_full_optimizer_state_dict(
+    model: torch.nn.Module, optimizer, state: dict, ctx: DistContext
+) -> None:
     """Load what :func:`full_optimizer_state_dict` saved; each rank keeps its own shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True) if dist.is_initialized() else None
+    options = StateDictOptions(full_state_dict=True) if ctx.enabled else None
     set_optimizer_state_dict(unwrap(model), optimizer, state, options=options)

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from kdrl.config import Config
-from kdrl.models import load_teacher, load_tokenizer
+from kdrl.models import load_teacher, load_tokenizer, support_size
 from kdrl.preflight import check_models
 from kdrl.rollout import HFRollout, Rollout
 from kdrl.teacher import LocalTeacher, Teacher
@@ -27,7 +27,7 @@ def make_teacher(
     """``(teacher model, teacher)``: the model is only held for a local teacher (evaluation
     also uses it); a remote teacher is checked against the student's tokenizer at start."""
     t = cfg.teacher
-    vocab = student.get_output_embeddings().weight.shape[0]
+    vocab = support_size(student, tokenizer)
     if t.backend == "http":
         from kdrl.teacher_http import HTTPTeacher
 
@@ -64,18 +64,19 @@ def make_teacher(
 def make_rollout(
     cfg: Config, student: torch.nn.Module, tokenizer, *, model_path: str, sharded: bool
 ) -> Rollout:
-    """The sampler. ``model_path`` is the folder the student was loaded from (a vLLM engine
-    loads its first weights from it); ``sharded`` is true under FSDP2."""
+    """The sampler. ``model_path`` is the folder the student was loaded from (on resume, the
+    checkpoint): a vLLM engine loads its first weights from it, so engine and trainer start
+    equal. ``sharded`` is true under FSDP2 (generation must step all ranks together); a vLLM
+    engine is per process and needs no such care, but every rank builds it at the same time."""
     r = cfg.rollout
     if r.backend == "vllm":
         from kdrl.rollout_vllm import VLLMRollout
 
-        if sharded:
-            raise ValueError(
-                "rollout.backend=vllm runs one engine per process and is not supported with "
-                "train.parallel=fsdp; use train.parallel=ddp or rollout.backend=hf"
-            )
-        max_len = r.vllm.max_model_len or cfg.data.max_prompt_tokens + r.max_new_tokens
+        max_len = r.vllm.max_model_len
+        if not max_len:  # the longest sequence the data allows, within the model's positions
+            max_len = cfg.data.max_prompt_tokens + r.max_new_tokens
+            positions = getattr(student.config, "max_position_embeddings", None)
+            max_len = min(max_len, positions) if positions else max_len
         return VLLMRollout(
             model_path, tokenizer, temperature=r.temperature, top_p=r.top_p,
             max_new_tokens=r.max_new_tokens, dtype=next(student.parameters()).dtype,

@@ -18,6 +18,7 @@ from kdrl.data import Prompt
 from kdrl.divergences import full_divergence_loss
 from kdrl.forward import response_window, window_logits
 from kdrl.microbatch import token_budget_microbatches
+from kdrl.models import support_size
 from kdrl.rewards import RewardFn, compute_rewards
 from kdrl.rollout import HFRollout, RolloutBatch
 
@@ -68,14 +69,15 @@ def answer(
 
 @torch.no_grad()
 def exact_reverse_kl_sum(student, teacher, batch: RolloutBatch, *, student_temperature: float,
-                         teacher_temperature: float, max_tokens_per_mb: int) -> float:  # fmt: skip
-    """Sum over response tokens of ``KL(q(.|h_t) || p(.|h_t))`` over the whole vocabulary."""
+                         teacher_temperature: float, max_tokens_per_mb: int,
+                         vocab: int) -> float:  # fmt: skip
+    """Sum over response tokens of ``KL(q(.|h_t) || p(.|h_t))`` over the whole vocabulary (the
+    first ``vocab`` ids, see `kdrl.models.support_size`)."""
     lengths = batch.attention_mask_BT.sum(1).tolist()
-    vocab = student.get_output_embeddings().weight.shape[0]
     total = 0.0
     for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
         window = response_window(batch, rows)
-        student_logits = window_logits(student, batch, window)
+        student_logits = window_logits(student, batch, window)[..., :vocab]
         teacher_logits = window_logits(teacher, batch, window)[..., :vocab].to(student.device)
         total += full_divergence_loss(
             student_logits, teacher_logits,
@@ -87,14 +89,16 @@ def exact_reverse_kl_sum(student, teacher, batch: RolloutBatch, *, student_tempe
 
 
 @torch.no_grad()
-def top1_matches(student, batch: RolloutBatch, *, max_tokens_per_mb: int) -> tuple[int, int]:
+def top1_matches(
+    student, batch: RolloutBatch, *, max_tokens_per_mb: int, vocab: int | None = None
+) -> tuple[int, int]:
     """(positions where the student's most likely next token is the one in ``batch``, positions):
     teacher-forced agreement with another model's answers."""
     lengths = batch.attention_mask_BT.sum(1).tolist()
     hits = 0
     for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
         window = response_window(batch, rows)
-        guess = window_logits(student, batch, window).argmax(-1).cpu()
+        guess = window_logits(student, batch, window)[..., :vocab].argmax(-1).cpu()
         same = guess == window.take(batch.input_ids_BT)
         hits += int((same & window.take(batch.response_mask_BT)).sum())
     return hits, int(batch.response_mask_BT.sum())
@@ -120,6 +124,7 @@ def evaluate(
     """The student's answers and ``eval/`` metrics; ``reference`` holds the teacher's greedy
     answers on the same prompts (for agreement), when there is a teacher."""
     was_training = student.training
+    vocab = support_size(student, tokenizer)
     student.eval()
     try:
         ans = answer(student, tokenizer, prompts, temperature=temperature,
@@ -139,12 +144,13 @@ def evaluate(
             kl = sum(exact_reverse_kl_sum(
                 student, teacher, b, student_temperature=student_temperature,
                 teacher_temperature=teacher_temperature, max_tokens_per_mb=max_tokens_per_mb,
+                vocab=vocab,
             ) for b in ans.batches)  # fmt: skip
             metrics["eval/reverse_kl"] = kl / max(lengths.sum().item(), 1.0)
         if reference is not None:
             same = [a.strip() == b.strip() for a, b in zip(ans.texts, reference.texts, strict=True)]
             metrics["eval/agreement"] = sum(same) / len(same)
-            counts = [top1_matches(student, b, max_tokens_per_mb=max_tokens_per_mb)
+            counts = [top1_matches(student, b, max_tokens_per_mb=max_tokens_per_mb, vocab=vocab)
                       for b in reference.batches]  # fmt: skip
             metrics["eval/top1_agreement"] = sum(h for h, _ in counts) / max(
                 sum(n for _, n in counts), 1

@@ -70,3 +70,12 @@ def load_teacher(name_or_path: str, *, dtype: str, device: str = "cpu") -> PreTr
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def support_size(model: PreTrainedModel, tokenizer) -> int:
+    """The token ids every distribution in kdrl is normalised over: the tokenizer's ids, never
+    the padded embedding rows past them (Qwen pads 151,665 ids to 151,936 rows). The sampler
+    masks those rows, so the trainer, the teacher and evaluation must cut them too, or the policy
+    being trained is not the one that sampled."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    return min(len(tokenizer), rows)

@@ -80,6 +80,11 @@ class Rollout(Protocol):
 
     def sync_weights(self, model: PreTrainedModel) -> None: ...
 
+    def close(self) -> None:
+        """Release the engine (called once, after the last step, before process-group
+        teardown)."""
+        ...
+
 
 class _SampleAndRecord(LogitsProcessor):
     """The whole sampling distribution in one place, recording what was sampled from it.
@@ -155,6 +160,9 @@ class HFRollout:
 
     def sync_weights(self, model: PreTrainedModel) -> None:
         self.model = model  # same process, same parameters: nothing to copy
+
+    def close(self) -> None:
+        pass  # generate() holds nothing between calls
 
     @torch.no_grad()
     def generate(

@@ -125,4 +125,7 @@ class LocalTeacher:
         logp_BT = torch.where(resp, logp_BT, 0.0)
         if cand_lp is not None:
             cand_lp = torch.where(resp[..., None], cand_lp, 0.0)
+        if topk_lp is not None and topk_ids is not None:  # as the module says: 0 off responses
+            topk_lp = torch.where(resp[..., None], topk_lp, 0.0)
+            topk_ids = torch.where(resp[..., None], topk_ids, 0)
         return TeacherOutput(logp_BT, topk_lp, topk_ids, cand_lp)

@@ -52,7 +52,7 @@ from kdrl.engines import make_rollout, make_teacher
 from kdrl.evaluate import Answers, evaluate, teacher_reference
 from kdrl.grpo import group_advantages
 from kdrl.metrics import MetricsWriter
-from kdrl.models import load_student, load_tokenizer
+from kdrl.models import load_student, load_tokenizer, support_size
 from kdrl.rewards import RewardFn, compute_rewards, get_reward_fn
 from kdrl.rollout import Rollout, RolloutBatch, sequence_seed
 from kdrl.run_dir import prepare_output_dir
@@ -146,7 +146,7 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
     )  # fmt: skip
     if checkpoint is not None:
         state = load_trainer_state(checkpoint, verify=False)  # verified when it was found
-        load_full_optimizer_state_dict(student, optimizer, state["optimizer"])
+        load_full_optimizer_state_dict(student, optimizer, state["optimizer"], ctx)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         # Each rank continues its own RNG stream when the world size is unchanged.
@@ -157,7 +157,7 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
     return run
 
 
-def loss_settings(cfg: Config, step: int) -> LossSettings:
+def loss_settings(cfg: Config, step: int, vocab: int | None = None) -> LossSettings:
     t, g = cfg.teacher, cfg.grpo
     weight = distill_weight(
         step, start=t.distill_loss_weight, final=t.distill_loss_weight_final,
@@ -167,7 +167,7 @@ def loss_settings(cfg: Config, step: int) -> LossSettings:
         rl_loss_weight=t.rl_loss_weight, distill_loss_weight=weight,
         kd_estimator=t.kd_estimator, kd_discount=t.kd_discount, kd_eps_clip=t.kd_eps_clip,
         jsd_beta=t.jsd_beta, student_temperature=cfg.rollout.temperature,
-        eps_clip=g.eps_clip, eps_clip_higher=g.eps_clip_higher, c_clip=g.c_clip,
+        eps_clip=g.eps_clip, eps_clip_higher=g.eps_clip_higher, c_clip=g.c_clip, vocab=vocab,
     )  # fmt: skip
 
 
@@ -240,7 +240,7 @@ def train_step(run: Run) -> dict[str, float] | None:
     if run.reward_fn is not None:  # KDRL reward-guided masking of already-correct answers
         correct = rewards_B >= cfg.reward.correct_threshold
         kd_weights_B = torch.where(correct, cfg.teacher.kd_correct_weight, 1.0)
-    settings = loss_settings(cfg, run.step)
+    settings = loss_settings(cfg, run.step, support_size(run.model, run.tokenizer))
     metrics = policy_update(
         run.student, run.optimizer, run.scheduler,
         UpdateBatch(batch, teacher_out, advantages_B, kd_weights_B), settings,
@@ -303,7 +303,7 @@ def save(run: Run) -> Path | None:
     weights = full_model_state_dict(run.student) if run.ctx.enabled else None
     state = {
         "step": run.step,
-        "optimizer": full_optimizer_state_dict(run.student, run.optimizer),
+        "optimizer": full_optimizer_state_dict(run.student, run.optimizer, run.ctx),
         "scheduler": run.scheduler.state_dict(),
         "sampler": run.sampler.state_dict(),
         "rng": all_gather_objects(capture_rng_state(), run.ctx),
@@ -336,6 +336,14 @@ def _train(cfg: Config, ctx: DistContext, *, resume: bool, force: bool) -> Path:
         checkpoint = find_latest_checkpoint(output_dir) if resume else None
     output_dir, checkpoint = broadcast_object((output_dir, checkpoint), ctx)
     run = build(cfg, output_dir, checkpoint, ctx)
+    try:
+        return _loop(run, checkpoint)
+    finally:
+        run.rollout.close()  # before the process group goes: vLLM's teardown uses it
+
+
+def _loop(run: Run, checkpoint: Path | None) -> Path:
+    cfg, ctx, output_dir = run.cfg, run.ctx, run.output_dir
     if ctx.is_main:
         dump_config(cfg, output_dir / "config.yaml")
     every, eval_every = cfg.train.save_every_steps, cfg.eval.every_steps

@@ -47,6 +47,9 @@ class LossSettings:
     eps_clip: float
     eps_clip_higher: float | None
     c_clip: float | None
+    vocab: int | None = None
+    """Ids the student's distribution is normalised over (`kdrl.models.support_size`, the ids
+    the sampler can draw); None keeps every output row."""
 
 
 @dataclass
@@ -57,10 +60,11 @@ class UpdateBatch:
     kd_weights_B: Tensor
 
 
-def _forward_logprobs(model, rollout: RolloutBatch, rows: list[int], temperature: float):
-    """Student logits and log-probs of the tokens in the response window of ``rows``."""
+def _forward_logprobs(model, rollout: RolloutBatch, rows: list[int], temperature: float, vocab):
+    """Student logits (cut to ``vocab`` ids) and log-probs of the tokens in the response window
+    of ``rows``."""
     window = response_window(rollout, rows)
-    logits_BTV = window_logits(model, rollout, window)
+    logits_BTV = window_logits(model, rollout, window)[..., :vocab]
     ids_BT = window.take(rollout.input_ids_BT, logits_BTV.device)
     lp_BT, ent_BT = token_logprobs(logits_BTV, ids_BT, temperature=temperature, with_entropy=True)
     return logits_BTV, lp_BT, ent_BT, window
@@ -77,13 +81,13 @@ def _padded_microbatches(lengths: list[int], max_tokens: int, ctx: DistContext):
 
 @torch.no_grad()
 def recompute_logprobs(
-    model, rollout: RolloutBatch, *, temperature: float, max_tokens: int, ctx=SINGLE
+    model, rollout: RolloutBatch, *, temperature: float, max_tokens: int, ctx=SINGLE, vocab=None
 ):
     """Log-probs of every token under the current student (PPO's "old" policy), ``[B, T]``."""
     out = torch.zeros(rollout.input_ids_BT.shape, dtype=torch.float32)
     lengths = rollout.attention_mask_BT.sum(1).tolist()
     for rows, padding in _padded_microbatches(lengths, max_tokens, ctx):
-        _, lp_BT, _, window = _forward_logprobs(model, rollout, rows, temperature)
+        _, lp_BT, _, window = _forward_logprobs(model, rollout, rows, temperature, vocab)
         if not padding:
             out[rows, window.start : window.stop] = lp_BT.cpu()
     return out
@@ -91,7 +95,9 @@ def recompute_logprobs(
 
 def _microbatch_loss(model, data: UpdateBatch, rows, old_BT, s: LossSettings, num_tokens):
     r = data.rollout
-    logits_BTV, lp_BT, ent_BT, window = _forward_logprobs(model, r, rows, s.student_temperature)
+    logits_BTV, lp_BT, ent_BT, window = _forward_logprobs(
+        model, r, rows, s.student_temperature, s.vocab
+    )
     device = lp_BT.device
 
     def take(x: Tensor) -> Tensor:
@@ -117,6 +123,11 @@ def _microbatch_loss(model, data: UpdateBatch, rows, old_BT, s: LossSettings, nu
         eps_clip_higher=s.eps_clip_higher, c_clip=s.c_clip, num_tokens=num_tokens,
     )  # fmt: skip
     metrics["actor/entropy"] = masked_sum(ent_BT.detach(), mask_BT).item() / num_tokens
+    # Sampler vs trainer: mean |log pi_theta - log mu| over the tokens. ~1e-6 for the first
+    # minibatch when the sampler has the trainer's weights (float32); later minibatches add the
+    # policy's own drift. A large value means the engine samples from another policy.
+    gap_BT = (lp_BT.detach() - take(r.behav_logprobs_BT)).abs()
+    metrics["actor/behav_logprob_gap"] = masked_sum(gap_BT, mask_BT).item() / num_tokens
     return loss, metrics
 
 
@@ -146,7 +157,7 @@ def policy_update(
     if n_minibatches > 1:  # later minibatches are off-policy: keep the pre-update log-probs
         old_BT = recompute_logprobs(
             model, data.rollout, temperature=settings.student_temperature,
-            max_tokens=max_tokens_per_mb, ctx=ctx,
+            max_tokens=max_tokens_per_mb, ctx=ctx, vocab=settings.vocab,
         )  # fmt: skip
     bounds = [round(i * b / n_minibatches) for i in range(n_minibatches + 1)]
     totals: dict[str, float] = defaultdict(float)

@@ -42,7 +42,7 @@ class VLLMConfig:
     """KV cache size in GiB on a CPU (`VLLM_CPU_KVCACHE_SPACE`)."""
     max_model_len: int = 0
     """Longest prompt + response the engine accepts; 0 is `data.max_prompt_tokens +
-    rollout.max_new_tokens`."""
+    rollout.max_new_tokens`, capped at the model's `max_position_embeddings`."""
     enforce_eager: bool = True
     """Skip CUDA-graph capture (faster start; set false for long GPU runs)."""
 
