@@ -137,7 +137,10 @@ def _add_serve_teacher(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 where native (CUDA, avx512_bf16/AMX CPUs), else float32",
+    )  # fmt: skip
     parser.add_argument(
         "--temperature", type=float, default=1.0,
         help="the teacher's temperature (the trainer's teacher.temperature)",

@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("kdrl")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """bfloat16 matmuls run natively: a CUDA GPU that supports them, or a CPU with
+    avx512_bf16 or AMX. Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated, ~9x slower than
+    float32 on this project's machine."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def resolve_dtype(name: str, device: torch.device, key: str) -> torch.dtype:
+    """``auto`` is bfloat16 where it is native (`fast_bf16`), float32 otherwise."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and device.type == "cpu" and not fast_bf16(device):
+        log.warning(
+            "%s is bfloat16 but this CPU has no native bf16 (avx512_bf16/AMX): bf16 matmuls are "
+            "emulated and much slower than float32; %s=auto picks float32 here",
+            key,
+            key,
+        )
+    return dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,8 +89,11 @@ def load_student(
 ) -> PreTrainedModel:
     """The trainable student, in train mode with dropout as its config says."""
     _check_path(name_or_path, "student.path")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
-    model.to(resolve_device(device))
+    target = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype, target, "student.dtype")
+    )
+    model.to(target)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -65,8 +104,11 @@ def load_student(
 def load_teacher(name_or_path: str, *, dtype: str, device: str = "cpu") -> PreTrainedModel:
     """The frozen teacher: eval mode (no dropout), no parameter requires a gradient."""
     _check_path(name_or_path, "teacher.path")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
-    model.to(resolve_device(device))
+    target = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype, target, "teacher.dtype")
+    )
+    model.to(target)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -118,7 +118,7 @@ def build_app(
 def load_app(
     model: str,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     temperature: float = 1.0,
     max_tokens_per_mb: int = 16384,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["float32", "bfloat16", "float16", "auto"]
 KDEstimator = Literal["pg", "k2", "seed_k1", "forward_kl", "reverse_kl", "jsd"]
 OverlongPolicy = Literal["error", "skip", "truncate_left"]
 LRSchedule = Literal["constant", "linear", "cosine"]
@@ -27,7 +27,8 @@ class StudentConfig:
     path: str = ""
     """Hugging Face model folder or hub name, loaded with `from_pretrained`."""
     dtype: DType = "float32"
-    """Parameter and compute dtype of the student."""
+    """Parameter and compute dtype of the student (`auto` as for the teacher; float32 keeps
+    AdamW's updates exact)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
@@ -82,9 +83,10 @@ class TeacherConfig:
     path: str = ""
     """Hugging Face model folder or hub name of the teacher; empty means no teacher (pure RL).
     With `backend: openai` it is the model name the server serves."""
-    dtype: DType = "float32"
-    """Dtype the teacher is loaded and run in (`bfloat16` halves its memory on GPUs; on CPUs
-    it is only fast with avx512_bf16)."""
+    dtype: DType = "auto"
+    """Dtype the teacher is loaded and run in. `auto`: bfloat16 where it is native (CUDA GPUs
+    with bf16, CPUs with avx512_bf16 or AMX), float32 elsewhere (bf16 is emulated, and much
+    slower, on other CPUs)."""
     temperature: float = 1.0
     """Temperature of the teacher's log-probs. Explicit: never inherited from the rollout."""
     rl_loss_weight: float = 1.0
