@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from kdrl.forward import response_window, window_logits
+from kdrl.fused import fused_eligible, window_token_logprobs
 from kdrl.logprobs import token_logprobs
 from kdrl.microbatch import token_budget_microbatches
 from kdrl.rollout import RolloutBatch
@@ -103,8 +104,17 @@ class LocalTeacher:
             candidate_ids_BTC = candidate_ids_BTC.long().clamp(0, self.vocab - 1)
             cand_lp = torch.zeros(candidate_ids_BTC.shape, dtype=torch.float32)
         lengths = batch.attention_mask_BT.sum(1).tolist()
+        # The sampled tokens alone need no [B, T, V] logits (`kdrl.fused`); the top-k and the
+        # candidates read the whole distribution.
+        fused = not k and cand_lp is None and fused_eligible(self.model)
         for rows in token_budget_microbatches(lengths, self.max_tokens):
             window = response_window(batch, rows)
+            if fused:
+                lp, _ = window_token_logprobs(
+                    self.model, batch, window, temperature=self.temperature, vocab=self.vocab
+                )
+                logp_BT[rows, window.start : window.stop] = lp.cpu()
+                continue
             logits = window_logits(self.model, batch, window)[..., : self.vocab]
             ids = window.take(batch.input_ids_BT, logits.device)
             lp, _ = token_logprobs(logits, ids, temperature=self.temperature)

@@ -20,6 +20,7 @@ from torch import Tensor
 from kdrl.distributed import SINGLE, DistContext, all_reduce, no_grad_sync, reduce_metrics
 from kdrl.divergences import DIVERGENCES
 from kdrl.forward import response_window, window_logits
+from kdrl.fused import fused_eligible, window_token_logprobs
 from kdrl.grpo import sequence_to_tokens
 from kdrl.logprobs import token_logprobs
 from kdrl.loss import TeacherDistribution, kdrl_loss
@@ -60,10 +61,18 @@ class UpdateBatch:
     kd_weights_B: Tensor
 
 
-def _forward_logprobs(model, rollout: RolloutBatch, rows: list[int], temperature: float, vocab):
-    """Student logits (cut to ``vocab`` ids) and log-probs of the tokens in the response window
-    of ``rows``."""
+def _forward_logprobs(
+    model, rollout: RolloutBatch, rows: list[int], temperature: float, vocab, *, need_logits: bool
+):
+    """Log-probs and entropy of the tokens in the response window of ``rows``, and the student
+    logits (cut to ``vocab`` ids) when ``need_logits``. Without them, an eligible model never
+    builds its ``[B, T, V]`` logits (`kdrl.fused`) and ``None`` is returned in their place."""
     window = response_window(rollout, rows)
+    if not need_logits and fused_eligible(model):
+        lp_BT, ent_BT = window_token_logprobs(
+            model, rollout, window, temperature=temperature, vocab=vocab, with_entropy=True
+        )
+        return None, lp_BT, ent_BT, window
     logits_BTV = window_logits(model, rollout, window)[..., :vocab]
     ids_BT = window.take(rollout.input_ids_BT, logits_BTV.device)
     lp_BT, ent_BT = token_logprobs(logits_BTV, ids_BT, temperature=temperature, with_entropy=True)
@@ -87,7 +96,9 @@ def recompute_logprobs(
     out = torch.zeros(rollout.input_ids_BT.shape, dtype=torch.float32)
     lengths = rollout.attention_mask_BT.sum(1).tolist()
     for rows, padding in _padded_microbatches(lengths, max_tokens, ctx):
-        _, lp_BT, _, window = _forward_logprobs(model, rollout, rows, temperature, vocab)
+        _, lp_BT, _, window = _forward_logprobs(
+            model, rollout, rows, temperature, vocab, need_logits=False
+        )
         if not padding:
             out[rows, window.start : window.stop] = lp_BT.cpu()
     return out
@@ -95,8 +106,11 @@ def recompute_logprobs(
 
 def _microbatch_loss(model, data: UpdateBatch, rows, old_BT, s: LossSettings, num_tokens):
     r = data.rollout
+    # Full-distribution divergences read the student's logits; every other loss needs only the
+    # log-probs of the sampled tokens.
+    full = s.kd_estimator in DIVERGENCES and s.distill_loss_weight > 0
     logits_BTV, lp_BT, ent_BT, window = _forward_logprobs(
-        model, r, rows, s.student_temperature, s.vocab
+        model, r, rows, s.student_temperature, s.vocab, need_logits=full
     )
     device = lp_BT.device
 
@@ -106,7 +120,8 @@ def _microbatch_loss(model, data: UpdateBatch, rows, old_BT, s: LossSettings, nu
     mask_BT = take(r.response_mask_BT)
     teacher = data.teacher
     distribution = None
-    if s.kd_estimator in DIVERGENCES and s.distill_loss_weight > 0:
+    if full:
+        assert logits_BTV is not None
         assert teacher.topk_logprobs_BTK is not None and teacher.topk_ids_BTK is not None
         distribution = TeacherDistribution(
             logits_BTV, take(teacher.topk_logprobs_BTK), take(teacher.topk_ids_BTK)
