@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdrl.data import Prompt
-from kdrl.rollout import HFRollout, RolloutBatch
+from kdrl.rollout import HFRollout, RolloutBatch, inverse_cdf_sample
 from kdrl.teacher import LocalTeacher
 from loopback import batch_of
 
@@ -68,6 +68,10 @@ def test_teacher_topk_and_full_distribution():
     assert top.topk_logprobs_BTK[b, t, 0].item() == pytest.approx(math.log(0.9), abs=1e-6)
     full = teacher.score(batch, top_k=10**9)
     assert full.topk_logprobs_BTK.shape[-1] == V
+    # The full distribution's ids are arange(V) at every position, as a view (no [B, T, V]).
+    assert full.topk_ids_BTK.stride() == (0, 0, 1)
+    assert torch.equal(full.topk_ids_BTK[1, 2], torch.arange(V))
+    assert (full.topk_logprobs_BTK[~batch.response_mask_BT] == 0).all()
     torch.testing.assert_close(full.topk_logprobs_BTK[b, t].exp().sum(), torch.tensor(1.0))
 
 
@@ -186,6 +190,23 @@ def test_seeded_sampling_follows_the_model_distribution(student):
     freq = torch.bincount(first, minlength=len(tok)).float() / 2000
     # Total variation of 2000 draws from this distribution is ~0.05; a wrong sampler is far off.
     assert 0.5 * (freq - probs).abs().sum() < 0.1
+
+
+def test_inverse_cdf_draws_match_the_distribution_and_never_a_zero_mass_id():
+    # Unnormalised on purpose; ids 0, 2 and 5 have no mass.
+    probs = torch.tensor([0.0, 1.0, 0.0, 0.6, 0.4, 0.0])
+    n = 20000
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    picked = inverse_cdf_sample(probs.expand(n, -1), gens)
+    freq = torch.bincount(picked, minlength=6).double() / n
+    assert freq[[0, 2, 5]].sum() == 0
+    # 3 sigma of a 20000-draw frequency is <= 0.011.
+    torch.testing.assert_close(freq, (probs / probs.sum()).double(), atol=0.012, rtol=0)
+    # Each draw is u -> first id whose cumulative mass exceeds u * total, u from its generator.
+    u = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(i),
+                                dtype=torch.float64) for i in range(50)])  # fmt: skip
+    expected = torch.searchsorted(probs.double().cumsum(0), u * 2.0, right=True)
+    assert torch.equal(picked[:50], expected)
 
 
 def test_model_generation_defaults_do_not_leak_into_sampling(tiny_pair):
