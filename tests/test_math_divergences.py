@@ -132,6 +132,29 @@ def test_topk_with_k_equal_v_is_the_full_divergence(kind):
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_every_id_broadcast_view_is_the_full_divergence_with_its_gradient(kind):
+    # A local teacher gives the full distribution as id-ordered log-probs with arange ids
+    # broadcast to every position (no memory); that path skips the gather. Value and gradient
+    # must equal the reference full divergence, with masked rows and chunking.
+    g = torch.Generator().manual_seed(7)
+    s = (2 * torch.randn(2, 5, 12, generator=g, dtype=torch.float64)).requires_grad_()
+    t_logp = (2 * torch.randn(2, 5, 12, generator=g, dtype=torch.float64)).log_softmax(-1)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    ids = torch.arange(12).expand(2, 5, 12)
+    assert ids.stride()[:2] == (0, 0)
+    kw = dict(kind=kind, beta=0.4, student_temperature=1.3, num_tokens=7, chunk_rows=3)
+    got = topk_divergence_loss(s, t_logp, ids, mask, **kw)
+    (grad,) = torch.autograd.grad(got, s)
+    ref = full_divergence_loss(s, t_logp, mask, teacher_temperature=1.0, **kw)
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    # The same ids as an ordinary tensor take the gather path: same answer.
+    gathered = topk_divergence_loss(s, t_logp, ids.contiguous(), mask, **kw)
+    torch.testing.assert_close(gathered, ref)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_topk_tail_bucket_matches_reference(kind):
     g = torch.Generator().manual_seed(7)
     s = 2 * torch.randn(5, 20, generator=g, dtype=torch.float64)

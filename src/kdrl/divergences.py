@@ -92,6 +92,23 @@ def _topk_chunk(s_CV: Tensor, t_CK: Tensor, ids_CK: Tensor, valid_C: Tensor, s_t
     return torch.where(valid_C, divergence(t_CK, s_CK, kind=kind, beta=beta), 0.0)
 
 
+def _is_every_id(ids_NK: Tensor, v: int) -> bool:
+    """Whether every row of ``ids_NK`` is ``0 .. v - 1`` in order, as a broadcast view (how a
+    local teacher gives the full distribution); cheap: only such views are checked."""
+    if ids_NK.shape[-1] != v or ids_NK.numel() == 0:
+        return False
+    flat = ids_NK.reshape(-1, v)
+    return flat.stride(0) == 0 and torch.equal(flat[0], torch.arange(v, device=flat.device))
+
+
+def _all_ids_chunk(s_CV: Tensor, t_CV: Tensor, valid_C: Tensor, s_temp, kind, beta) -> Tensor:
+    """`_topk_chunk` with ``K = V`` ids in id order: the student's log-probs need no gather."""
+    cd = _compute_dtype(s_CV.dtype)
+    s_logp = torch.log_softmax(s_CV.to(cd) / s_temp, dim=-1)
+    t_CV = torch.where(valid_C[:, None], t_CV.to(cd), -1.0)
+    return torch.where(valid_C, divergence(t_CV, s_logp, kind=kind, beta=beta), 0.0)
+
+
 def _chunked_sum(
     fn, tensors: list[Tensor], v: int, chunk_rows: int | None, weights: Tensor | None
 ) -> Tensor:
@@ -161,6 +178,13 @@ def topk_divergence_loss(
     check_num_tokens(num_tokens)
     v = student_logits_NV.shape[-1]
     ids_NK = teacher_topk_ids_NK.long()
+    if _is_every_id(ids_NK, v):  # the full distribution in id order: no gather needed
+
+        def full(s, t, m):
+            return _all_ids_chunk(s, t, m, student_temperature, kind, beta)
+
+        tensors = [student_logits_NV, teacher_topk_logprobs_NK.detach(), mask_N]
+        return _chunked_sum(full, tensors, v, chunk_rows, weights) / num_tokens
 
     def fn(s, t, i, m):
         return _topk_chunk(s, t, i, m, student_temperature, kind, beta)

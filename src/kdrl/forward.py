@@ -26,7 +26,10 @@ class Window:
 
     def take(self, x_BT: Tensor, device: torch.device | None = None) -> Tensor:
         """``x`` for these rows and positions, ``[len(rows), W, ...]``."""
-        out = x_BT[self.rows, self.start : self.stop]
+        if x_BT.stride(0) == 0:  # broadcast over rows (e.g. the full top-k's ids): stay a view
+            out = x_BT[: len(self.rows), self.start : self.stop]
+        else:
+            out = x_BT[self.rows, self.start : self.stop]
         return out if device is None else out.to(device)
 
 

@@ -33,7 +33,8 @@ class TeacherOutput:
     topk_logprobs_BTK: Tensor | None = None
     """Teacher's top-k log-probs per response position (normalised over the whole vocabulary)."""
     topk_ids_BTK: Tensor | None = None
-    """The ids of ``topk_logprobs_BTK``."""
+    """The ids of ``topk_logprobs_BTK``. For the full distribution (``top_k >= V``) a local
+    teacher gives ``arange(V)`` broadcast to every position: a read-only view, no memory."""
     candidate_logprobs_BTC: Tensor | None = None
     """Teacher log-probs of the ids asked for in ``candidate_ids_BTC`` (normalised over the whole
     vocabulary, float32; 0 off response positions)."""
@@ -96,7 +97,12 @@ class LocalTeacher:
         logp_BT = torch.zeros(b, t, dtype=torch.float32)
         k = min(top_k, self.vocab)
         topk_lp = torch.zeros(b, t, k, dtype=torch.float32) if k else None
-        topk_ids = torch.zeros(b, t, k, dtype=torch.long) if k else None
+        full = k == self.vocab  # every id, in id order: nothing to sort, no ids to store
+        topk_ids = None
+        if k:
+            topk_ids = (
+                torch.arange(k).expand(b, t, k) if full else torch.zeros(b, t, k, dtype=torch.long)
+            )
         cand_lp = None
         if candidate_ids_BTC is not None:
             check_candidate_ids(batch, candidate_ids_BTC, self.vocab)
@@ -122,9 +128,11 @@ class LocalTeacher:
             logp_BT[span] = lp.cpu()
             if k:
                 dist = (logits.float() / self.temperature).log_softmax(-1)
-                values, idx = dist.topk(k, dim=-1) if k < self.vocab else (dist, None)
-                topk_lp[span] = values.cpu()
-                topk_ids[span] = idx.cpu() if idx is not None else torch.arange(k)
+                if full:
+                    topk_lp[span] = dist.cpu()
+                else:
+                    values, idx = dist.topk(k, dim=-1)
+                    topk_lp[span], topk_ids[span] = values.cpu(), idx.cpu()
             if cand_lp is not None:
                 # The same arithmetic as token_logprobs (scaled logit minus logsumexp), so a
                 # candidate equal to the sampled token gets the same value as logprobs_BT.
@@ -136,6 +144,8 @@ class LocalTeacher:
         if cand_lp is not None:
             cand_lp = torch.where(resp[..., None], cand_lp, 0.0)
         if topk_lp is not None and topk_ids is not None:  # as the module says: 0 off responses
-            topk_lp = torch.where(resp[..., None], topk_lp, 0.0)
-            topk_ids = torch.where(resp[..., None], topk_ids, 0)
+            # In place: at V = 150k a copy of the [B, T, V] top-k is gigabytes.
+            topk_lp.masked_fill_(~resp[..., None], 0.0)
+            if not full:
+                topk_ids.masked_fill_(~resp[..., None], 0)
         return TeacherOutput(logp_BT, topk_lp, topk_ids, cand_lp)
