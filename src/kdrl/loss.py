@@ -9,6 +9,7 @@ whose weight is 0 is not computed. ``L_kd`` is a sampled-token estimator
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -24,11 +25,15 @@ KD_ESTIMATORS = sorted([*SAMPLED_KD_LOSSES, *DIVERGENCES])
 @dataclass
 class TeacherDistribution:
     """What full-distribution divergences need: the student's logits at each position (aligned
-    with the tokens, i.e. the logits that predicted them) and the teacher's top-k there."""
+    with the tokens, i.e. the logits that predicted them) and the teacher's top-k there.
+
+    With ``student_head`` set, ``student_logits_BTV`` holds the student's final hidden states
+    ``[B, T, H]`` and the divergence projects them chunk by chunk (`kdrl.fused.OutputHead`)."""
 
     student_logits_BTV: Tensor
     teacher_topk_logprobs_BTK: Tensor
     teacher_topk_ids_BTK: Tensor
+    student_head: Callable[[Tensor], Tensor] | None = None
 
 
 def kdrl_loss(
@@ -91,7 +96,7 @@ def kdrl_loss(
                 distribution.student_logits_BTV, distribution.teacher_topk_logprobs_BTK,
                 distribution.teacher_topk_ids_BTK, mask_BT, kind=kd_estimator, beta=jsd_beta,
                 student_temperature=student_temperature, num_tokens=num_tokens,
-                weights=kd_weights_BT,
+                weights=kd_weights_BT, student_head=distribution.student_head,
             )  # fmt: skip
             log_ratio = where_valid(logprobs_BT.detach() - teacher_logprobs_BT, mask_BT)
             m = {"loss/kd": kd.item(), **kd_metrics(log_ratio, mask_BT, num_tokens)}
