@@ -23,7 +23,6 @@ temporary exists in the forward or the backward pass beyond the inputs themselve
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -173,29 +172,22 @@ def topk_divergence_loss(
     num_tokens: float,
     weights: Tensor | None = None,
     chunk_rows: int | None = None,
-    student_head: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``sum_valid D / num_tokens`` over the teacher's top-k ids plus a tail bucket. The teacher's
-    log-probs must already be at the teacher's temperature (they are normalised over all V).
-
-    With ``student_head`` (`kdrl.fused.OutputHead`: ``vocab`` and a call), the first argument
-    holds the student's final hidden states ``[..., H]`` instead, and each chunk's logits are
-    ``student_head(hidden chunk)``, recomputed in the backward pass: the student's ``[N, V]``
-    logits and their gradient never exist whole."""
+    log-probs must already be at the teacher's temperature (they are normalised over all V)."""
     check_num_tokens(num_tokens)
-    v = student_logits_NV.shape[-1] if student_head is None else student_head.vocab
+    v = student_logits_NV.shape[-1]
     ids_NK = teacher_topk_ids_NK.long()
-    to_logits = (lambda x: x) if student_head is None else student_head
     if _is_every_id(ids_NK, v):  # the full distribution in id order: no gather needed
 
         def full(s, t, m):
-            return _all_ids_chunk(to_logits(s), t, m, student_temperature, kind, beta)
+            return _all_ids_chunk(s, t, m, student_temperature, kind, beta)
 
         tensors = [student_logits_NV, teacher_topk_logprobs_NK.detach(), mask_N]
         return _chunked_sum(full, tensors, v, chunk_rows, weights) / num_tokens
 
     def fn(s, t, i, m):
-        return _topk_chunk(to_logits(s), t, i, m, student_temperature, kind, beta)
+        return _topk_chunk(s, t, i, m, student_temperature, kind, beta)
 
     tensors = [student_logits_NV, teacher_topk_logprobs_NK.detach(), ids_NK, mask_N]
     return _chunked_sum(fn, tensors, v, chunk_rows, weights) / num_tokens

@@ -19,8 +19,6 @@ gradients), so it is only used where that is exactly what the model computes (`f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -300,24 +298,6 @@ def fused_token_logprobs(
     return logp_N, ent_N if with_entropy else None
 
 
-@dataclass
-class OutputHead:
-    """A `fused_eligible` model's vocabulary projection, cut to ``vocab`` ids: what turns final
-    hidden states into logits. Called on one chunk of rows at a time (`kdrl.divergences`), so
-    the ``[tokens, V]`` logits never exist whole."""
-
-    weight_VH: Tensor
-    vocab: int
-
-    def __call__(self, hidden_CH: Tensor) -> Tensor:
-        return torch.nn.functional.linear(hidden_CH, self.weight_VH[: self.vocab])
-
-
-def output_head(model: torch.nn.Module, vocab: int | None = None) -> OutputHead:
-    weight_VH = unwrap(model).get_output_embeddings().weight
-    return OutputHead(weight_VH, weight_VH.shape[0] if vocab is None else vocab)
-
-
 def window_token_logprobs(
     model: torch.nn.Module,
     batch: RolloutBatch,
@@ -326,12 +306,9 @@ def window_token_logprobs(
     temperature: float,
     vocab: int | None = None,
     with_entropy: bool = False,
-    keep_hidden: bool = False,
-):
+) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[len(rows), W]`` (and entropy) of the window's tokens under the model, equal
-    to ``token_logprobs(window_logits(...)[..., :vocab], ...)`` for a `fused_eligible` model.
-    With ``keep_hidden`` the final hidden states ``[len(rows), W, H]`` come first (for a loss
-    that also reads the distribution through `output_head`, without a second forward pass)."""
+    to ``token_logprobs(window_logits(...)[..., :vocab], ...)`` for a `fused_eligible` model."""
     hidden_BWH = window_hidden(model, batch, window)
     weight_VH = unwrap(model).get_output_embeddings().weight
     ids_BW = window.take(batch.input_ids_BT, hidden_BWH.device)
@@ -340,5 +317,4 @@ def window_token_logprobs(
         hidden_BWH.reshape(b * w, h), weight_VH, ids_BW.reshape(-1),
         temperature=temperature, vocab=vocab, with_entropy=with_entropy,
     )  # fmt: skip
-    out = lp_N.reshape(b, w), ent_N.reshape(b, w) if ent_N is not None else None
-    return (hidden_BWH, *out) if keep_hidden else out
+    return lp_N.reshape(b, w), ent_N.reshape(b, w) if ent_N is not None else None

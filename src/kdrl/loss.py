@@ -9,7 +9,6 @@ whose weight is 0 is not computed. ``L_kd`` is a sampled-token estimator
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -25,15 +24,11 @@ KD_ESTIMATORS = sorted([*SAMPLED_KD_LOSSES, *DIVERGENCES])
 @dataclass
 class TeacherDistribution:
     """What full-distribution divergences need: the student's logits at each position (aligned
-    with the tokens, i.e. the logits that predicted them) and the teacher's top-k there.
-
-    With ``student_head`` set, ``student_logits_BTV`` holds the student's final hidden states
-    ``[B, T, H]`` and the divergence projects them chunk by chunk (`kdrl.fused.OutputHead`)."""
+    with the tokens, i.e. the logits that predicted them) and the teacher's top-k there."""
 
     student_logits_BTV: Tensor
     teacher_topk_logprobs_BTK: Tensor
     teacher_topk_ids_BTK: Tensor
-    student_head: Callable[[Tensor], Tensor] | None = None
 
 
 def kdrl_loss(
@@ -96,7 +91,7 @@ def kdrl_loss(
                 distribution.student_logits_BTV, distribution.teacher_topk_logprobs_BTK,
                 distribution.teacher_topk_ids_BTK, mask_BT, kind=kd_estimator, beta=jsd_beta,
                 student_temperature=student_temperature, num_tokens=num_tokens,
-                weights=kd_weights_BT, student_head=distribution.student_head,
+                weights=kd_weights_BT,
             )  # fmt: skip
             log_ratio = where_valid(logprobs_BT.detach() - teacher_logprobs_BT, mask_BT)
             m = {"loss/kd": kd.item(), **kd_metrics(log_ratio, mask_BT, num_tokens)}

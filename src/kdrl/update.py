@@ -20,7 +20,7 @@ from torch import Tensor
 from kdrl.distributed import SINGLE, DistContext, all_reduce, no_grad_sync, reduce_metrics
 from kdrl.divergences import DIVERGENCES
 from kdrl.forward import response_window, window_logits
-from kdrl.fused import fused_eligible, output_head, window_token_logprobs
+from kdrl.fused import fused_eligible, window_token_logprobs
 from kdrl.grpo import sequence_to_tokens
 from kdrl.logprobs import token_logprobs
 from kdrl.loss import TeacherDistribution, kdrl_loss
@@ -64,25 +64,19 @@ class UpdateBatch:
 def _forward_logprobs(
     model, rollout: RolloutBatch, rows: list[int], temperature: float, vocab, *, need_logits: bool
 ):
-    """Log-probs and entropy of the tokens in the response window of ``rows``, and, when
-    ``need_logits``, what gives the student's logits (cut to ``vocab`` ids): ``(tensor, head)``.
-
-    An eligible model (`kdrl.fused`) never builds its ``[B, T, V]`` logits: the tensor is its
-    final hidden states and the head its `OutputHead`, which a divergence applies chunk by
-    chunk. Otherwise the tensor is the logits and the head None. Without ``need_logits``,
-    ``None`` is returned in place of the pair."""
+    """Log-probs and entropy of the tokens in the response window of ``rows``, and the student
+    logits (cut to ``vocab`` ids) when ``need_logits``. Without them, an eligible model never
+    builds its ``[B, T, V]`` logits (`kdrl.fused`) and ``None`` is returned in their place."""
     window = response_window(rollout, rows)
-    if fused_eligible(model):
-        hidden_BTH, lp_BT, ent_BT = window_token_logprobs(
-            model, rollout, window, temperature=temperature, vocab=vocab, with_entropy=True,
-            keep_hidden=True,
-        )  # fmt: skip
-        student = (hidden_BTH, output_head(model, vocab)) if need_logits else None
-        return student, lp_BT, ent_BT, window
+    if not need_logits and fused_eligible(model):
+        lp_BT, ent_BT = window_token_logprobs(
+            model, rollout, window, temperature=temperature, vocab=vocab, with_entropy=True
+        )
+        return None, lp_BT, ent_BT, window
     logits_BTV = window_logits(model, rollout, window)[..., :vocab]
     ids_BT = window.take(rollout.input_ids_BT, logits_BTV.device)
     lp_BT, ent_BT = token_logprobs(logits_BTV, ids_BT, temperature=temperature, with_entropy=True)
-    return (logits_BTV, None) if need_logits else None, lp_BT, ent_BT, window
+    return logits_BTV, lp_BT, ent_BT, window
 
 
 def _padded_microbatches(lengths: list[int], max_tokens: int, ctx: DistContext):
@@ -115,7 +109,7 @@ def _microbatch_loss(model, data: UpdateBatch, rows, old_BT, s: LossSettings, nu
     # Full-distribution divergences read the student's logits; every other loss needs only the
     # log-probs of the sampled tokens.
     full = s.kd_estimator in DIVERGENCES and s.distill_loss_weight > 0
-    student, lp_BT, ent_BT, window = _forward_logprobs(
+    logits_BTV, lp_BT, ent_BT, window = _forward_logprobs(
         model, r, rows, s.student_temperature, s.vocab, need_logits=full
     )
     device = lp_BT.device
@@ -127,12 +121,11 @@ def _microbatch_loss(model, data: UpdateBatch, rows, old_BT, s: LossSettings, nu
     teacher = data.teacher
     distribution = None
     if full:
-        assert student is not None
+        assert logits_BTV is not None
         assert teacher.topk_logprobs_BTK is not None and teacher.topk_ids_BTK is not None
         distribution = TeacherDistribution(
-            student[0], take(teacher.topk_logprobs_BTK), take(teacher.topk_ids_BTK),
-            student_head=student[1],
-        )  # fmt: skip
+            logits_BTV, take(teacher.topk_logprobs_BTK), take(teacher.topk_ids_BTK)
+        )
     old = lp_BT.detach() if old_BT is None else take(old_BT)
     loss, metrics = kdrl_loss(
         lp_BT, old, take(teacher.logprobs_BT),
