@@ -438,3 +438,28 @@ def test_teacher_scores_fused_equal_materialised(pair, monkeypatch):
     torch.testing.assert_close(full.candidate_logprobs_BTC[..., 0], full.logprobs_BT)
     assert (fused.logprobs_BT[batch.response_mask_BT] < 0).all()
     assert (fused.logprobs_BT[~batch.response_mask_BT] == 0).all()
+
+
+@pytest.mark.parametrize("top_k", [3, "V"])
+def test_teacher_distribution_chunks_from_hidden_states_equal_the_logits(pair, top_k):
+    # The top-k / full distribution and candidate log-probs are computed from the hidden states
+    # chunk by chunk (two positions per chunk here) and must equal the materialised logits'.
+    _, teacher, vocab = pair
+    batch = rollout_batch(vocab, seed=8)
+    scorer = LocalTeacher(teacher, temperature=0.7, max_tokens_per_mb=12, vocab=vocab)
+    k = vocab if top_k == "V" else top_k
+    cand = torch.randint(0, vocab, (*batch.input_ids_BT.shape, 4), generator=torch.Generator())
+    kw = dict(top_k=k, candidate_ids_BTC=cand)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kdrl.teacher, "default_chunk_rows", lambda vocab, device: 2)
+        m.setattr(kdrl.teacher, "window_logits", None)  # must not be needed
+        chunked = scorer.score(batch, **kw)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kdrl.teacher, "fused_eligible", lambda model: False)
+        ref = scorer.score(batch, **kw)
+    for name in ("logprobs_BT", "topk_logprobs_BTK", "candidate_logprobs_BTC"):
+        torch.testing.assert_close(
+            getattr(chunked, name), getattr(ref, name), rtol=1e-5, atol=1e-5, msg=name
+        )
+    assert torch.equal(chunked.topk_ids_BTK, ref.topk_ids_BTK)
+    assert (chunked.topk_logprobs_BTK[batch.response_mask_BT] < 0).all()

@@ -19,6 +19,8 @@ gradients), so it is only used where that is exactly what the model computes (`f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -296,6 +298,23 @@ def fused_token_logprobs(
         hidden_NH, weight_VH, ids_N.long(), float(temperature), vocab, rows, with_entropy
     )
     return logp_N, ent_N if with_entropy else None
+
+
+@dataclass
+class OutputHead:
+    """A `fused_eligible` model's vocabulary projection cut to ``vocab`` ids: what turns final
+    hidden states into logits, applied to one chunk of positions at a time."""
+
+    weight_VH: Tensor
+    vocab: int
+
+    def __call__(self, hidden_CH: Tensor) -> Tensor:
+        return torch.nn.functional.linear(hidden_CH, self.weight_VH[: self.vocab])
+
+
+def output_head(model: torch.nn.Module, vocab: int | None = None) -> OutputHead:
+    weight_VH = unwrap(model).get_output_embeddings().weight
+    return OutputHead(weight_VH, weight_VH.shape[0] if vocab is None else vocab)
 
 
 def window_token_logprobs(

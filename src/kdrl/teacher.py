@@ -20,8 +20,14 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from kdrl.forward import response_window, window_logits
-from kdrl.fused import fused_eligible, window_token_logprobs
-from kdrl.logprobs import token_logprobs
+from kdrl.fused import (
+    default_chunk_rows,
+    fused_eligible,
+    output_head,
+    window_hidden,
+    window_token_logprobs,
+)
+from kdrl.logprobs import _compute_dtype
 from kdrl.microbatch import token_budget_microbatches
 from kdrl.rollout import RolloutBatch
 
@@ -111,7 +117,7 @@ class LocalTeacher:
             cand_lp = torch.zeros(candidate_ids_BTC.shape, dtype=torch.float32)
         lengths = batch.attention_mask_BT.sum(1).tolist()
         # The sampled tokens alone need no [B, T, V] logits (`kdrl.fused`); the top-k and the
-        # candidates read the whole distribution.
+        # candidates read the whole distribution, one chunk of positions at a time.
         fused = not k and cand_lp is None and fused_eligible(self.model)
         for rows in token_budget_microbatches(lengths, self.max_tokens):
             window = response_window(batch, rows)
@@ -121,24 +127,22 @@ class LocalTeacher:
                 )
                 logp_BT[rows, window.start : window.stop] = lp.cpu()
                 continue
-            logits = window_logits(self.model, batch, window)[..., : self.vocab]
-            ids = window.take(batch.input_ids_BT, logits.device)
-            lp, _ = token_logprobs(logits, ids, temperature=self.temperature)
-            span = (rows, slice(window.start, window.stop))
-            logp_BT[span] = lp.cpu()
-            if k:
-                dist = (logits.float() / self.temperature).log_softmax(-1)
-                if full:
-                    topk_lp[span] = dist.cpu()
-                else:
-                    values, idx = dist.topk(k, dim=-1)
-                    topk_lp[span], topk_ids[span] = values.cpu(), idx.cpu()
-            if cand_lp is not None:
-                # The same arithmetic as token_logprobs (scaled logit minus logsumexp), so a
-                # candidate equal to the sampled token gets the same value as logprobs_BT.
-                x = logits.to(lp.dtype) / self.temperature
-                cand = window.take(candidate_ids_BTC, logits.device)
-                cand_lp[span] = (x.gather(-1, cand) - x.logsumexp(-1, keepdim=True)).cpu()
+            for bt, x_CV, ids_C in self._distribution_chunks(batch, window):
+                # Scaled logit minus logsumexp (token_logprobs' arithmetic) for the sampled
+                # token and the candidates alike: a candidate equal to the sampled token gets
+                # exactly logprobs_BT's value.
+                lse_C1 = x_CV.logsumexp(-1, keepdim=True)
+                logp_BT[bt] = (x_CV.gather(-1, ids_C[:, None]) - lse_C1).squeeze(-1).cpu()
+                if cand_lp is not None:
+                    cand = candidate_ids_BTC[bt].to(x_CV.device)
+                    cand_lp[bt] = (x_CV.gather(-1, cand) - lse_C1).cpu()
+                if k:
+                    dist_CV = x_CV.sub_(lse_C1)
+                    if full:
+                        topk_lp[bt] = dist_CV.cpu()
+                    else:
+                        values, idx = dist_CV.topk(k, dim=-1)
+                        topk_lp[bt], topk_ids[bt] = values.cpu(), idx.cpu()
         resp = batch.response_mask_BT
         logp_BT = torch.where(resp, logp_BT, 0.0)
         if cand_lp is not None:
@@ -149,3 +153,27 @@ class LocalTeacher:
             if not full:
                 topk_ids.masked_fill_(~resp[..., None], 0)
         return TeacherOutput(logp_BT, topk_lp, topk_ids, cand_lp)
+
+    def _distribution_chunks(self, batch: RolloutBatch, window):
+        """The window's positions a chunk at a time: ``((b, t), x_CV, ids_C)`` with ``b, t`` the
+        batch coordinates of the chunk's ``C`` positions, ``x_CV`` their teacher logits over
+        the student's ids divided by the temperature (float32, a fresh tensor) and ``ids_C``
+        the tokens they predict. A `fused_eligible` teacher projects its final hidden states
+        chunk by chunk, so no ``[tokens, V]`` logits exist; otherwise its logits are sliced."""
+        if fused_eligible(self.model):
+            source_BWX = window_hidden(self.model, batch, window)
+            head = output_head(self.model, self.vocab)
+        else:
+            source_BWX, head = window_logits(self.model, batch, window)[..., : self.vocab], None
+        r, w = source_BWX.shape[:2]
+        source_NX = source_BWX.reshape(r * w, -1)
+        device = source_NX.device
+        b_N = torch.tensor(window.rows).repeat_interleave(w)
+        t_N = torch.arange(window.start, window.stop).repeat(r)
+        ids_N = window.take(batch.input_ids_BT, device).reshape(-1)
+        step = default_chunk_rows(self.vocab, device)
+        for s in range(0, r * w, step):
+            c = slice(s, s + step)
+            x_CV = source_NX[c] if head is None else head(source_NX[c])
+            x_CV = x_CV.to(_compute_dtype(x_CV.dtype)) / self.temperature
+            yield (b_N[c], t_N[c]), x_CV, ids_N[c]
