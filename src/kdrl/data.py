@@ -41,7 +41,8 @@ class Prompt:
     string (chat template applied when `data.chat_template`) and ``ids`` its tokens, which are
     what the model is given; ``answer`` the reference for the reward (None without
     `data.answer_field`); ``truncated`` whether `truncate_left` cut it; ``user`` the last user
-    message as written (for reports: ``text`` may start with a long system prompt)."""
+    message as written (for reports: ``text`` may start with a long system prompt); ``where``
+    the file (or dataset) and row it came from, as error messages name it."""
 
     index: int
     text: str
@@ -49,6 +50,7 @@ class Prompt:
     answer: str | None
     truncated: bool
     user: str = ""
+    where: str = ""
 
 
 @dataclass
@@ -81,7 +83,8 @@ def load_prompts(
     if n_rows == 0:
         raise DataError(f"{source} has no rows")
     prompts: list[Prompt] = []
-    n_skipped = 0
+    skipped: list[str] = []  # rows that `skip` dropped, and rows that `truncate_left` cut
+    cut: list[str] = []
     limit_key = f"data.max_prompt_tokens={cfg.max_prompt_tokens}"
     for index, (where, fields) in enumerate(rows):
         at = f"{source} {where}"
@@ -97,19 +100,37 @@ def load_prompts(
                 "set data.overlong_prompt to skip or truncate_left"
             )
         if truncated and cfg.overlong_prompt == "skip":
-            n_skipped += 1
+            skipped.append(where)
             continue
         if truncated:
             ids = ids[-cfg.max_prompt_tokens :]
             text = tokenizer.decode(ids, skip_special_tokens=False)
-        prompts.append(Prompt(index, text, ids, answer, truncated, user))
+            cut.append(where)
+        prompts.append(Prompt(index, text, ids, answer, truncated, user, at))
         if len(prompts) == limit:
             break
-    if n_skipped:
-        logger.warning(f"{source}: skipped {n_skipped} prompts longer than {limit_key}")
+    if skipped:
+        logger.warning(
+            f"{source}: skipped {len(skipped)} prompts longer than {limit_key} "
+            f"(data.overlong_prompt=skip): {_rows(skipped)}"
+        )
+    if cut:
+        logger.warning(
+            f"{source}: kept the last {cfg.max_prompt_tokens} tokens of {len(cut)} prompts longer "
+            f"than {limit_key} (data.overlong_prompt=truncate_left): {_rows(cut)}"
+        )
     if not prompts:
-        raise DataError(f"{source}: every prompt is longer than {limit_key}, none is left")
-    return PromptSet(prompts, source, n_rows, n_skipped)
+        raise DataError(
+            f"{source}: every prompt is longer than {limit_key}, none is left; raise "
+            "data.max_prompt_tokens"
+        )
+    return PromptSet(prompts, source, n_rows, len(skipped))
+
+
+def _rows(where: list[str], shown: int = 5) -> str:
+    """``line 2, line 7, and 3 more``: the first few rows of a list."""
+    rest = len(where) - shown
+    return ", ".join(where[:shown]) + (f", and {rest} more" if rest > 0 else "")
 
 
 def _check_data_config(cfg: DataConfig, tokenizer: Any) -> set[str]:
@@ -145,7 +166,12 @@ def _read_rows(path: str, name: str | None, split: str) -> tuple[str, int, Itera
     if file.is_file():
         if suffix not in _READERS:
             raise DataError(f"{path}: unknown file type {suffix!r}; use one of {list(_READERS)}")
-        rows = _READERS[suffix](file)
+        try:
+            rows = _READERS[suffix](file)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} {_undecodable(file)}: not UTF-8 text ({err.reason})") from err
+        except OSError as err:
+            raise DataError(f"{path}: cannot read the prompt file ({err})") from err
         return path, len(rows), rows
     if not file.is_dir() and (suffix in _READERS or path.startswith(("/", ".", "~"))):
         raise DataError(f"prompt file {path} does not exist")
@@ -179,6 +205,18 @@ def _read_json(file: Path) -> list[Row]:
     return [(f"row {i}", item) for i, item in enumerate(items, start=1)]
 
 
+def _undecodable(file: Path) -> str:
+    """``line N, column C`` of the first byte that is not UTF-8 (a decoder reading in chunks
+    knows only the offset in its chunk)."""
+    with file.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number}, column {err.start + 1}"
+    return "somewhere"  # the file changed since it was read
+
+
 def _read_csv(file: Path) -> list[Row]:
     # Plain `csv` keeps every cell a string: a prompt like "0042" stays as written.
     rows = []
@@ -194,9 +232,14 @@ def _read_csv(file: Path) -> list[Row]:
 
 
 def _read_parquet(file: Path) -> list[Row]:
-    import pyarrow.parquet as pq  # a `datasets` dependency; imported only when needed
+    import pyarrow as pa  # a `datasets` dependency; imported only when needed
+    import pyarrow.parquet as pq
 
-    return [(f"row {i}", item) for i, item in enumerate(pq.read_table(file).to_pylist(), 1)]
+    try:
+        table = pq.read_table(file)
+    except pa.ArrowException as err:
+        raise DataError(f"{file}: not a readable Parquet file ({err})") from err
+    return [(f"row {i}", item) for i, item in enumerate(table.to_pylist(), 1)]
 
 
 _READERS = {

@@ -62,8 +62,9 @@ def answer(
     rewards = None
     if reward_fn is not None:
         rewards = compute_rewards(
-            reward_fn, texts, [p.answer for p in prompts], [p.index for p in prompts]
-        )
+            reward_fn, texts, [p.answer for p in prompts], [p.index for p in prompts],
+            sources=[p.where for p in prompts],
+        )  # fmt: skip
     return Answers(prompts, texts, rewards, batches)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -71,12 +73,33 @@ def _check_path(name_or_path: str, key: str) -> None:
         raise ValueError(f"{key} is empty: give a Hugging Face model folder or hub name")
     if _missing_local_path(name_or_path):
         raise ValueError(f"{key}: model folder {name_or_path!r} does not exist")
+    folder = Path(name_or_path).expanduser()
+    if folder.exists() and not (folder / "config.json").is_file():
+        # from_pretrained would fail on the tokenizer or the weights with a message that names
+        # neither the folder nor the key (e.g. "install sentencepiece").
+        raise ValueError(
+            f"{key}: {name_or_path!r} is not a Hugging Face model folder (it has no "
+            "config.json); give the folder that `save_pretrained` wrote, or a hub name"
+        )
+
+
+def _pretrained(load: Callable[..., Any], name_or_path: str, key: str, what: str, **kwargs):
+    """``load(name_or_path)``, with a hub or file error turned into one line naming the key."""
+    try:
+        return load(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        # Hub errors (not found, offline, gated) are OSErrors of several lines; the first says
+        # what went wrong.
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        raise ValueError(
+            f"{key}: cannot load the {what} of {name_or_path!r}: {reason or type(err).__name__}"
+        ) from err
 
 
 def load_tokenizer(name_or_path: str, *, key: str = "student.path"):
     """The student's tokenizer; the teacher scores the student's token ids with it."""
     _check_path(name_or_path, key)
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    tok = _pretrained(AutoTokenizer.from_pretrained, name_or_path, key, "tokenizer")
     if tok.eos_token_id is None:
         raise ValueError(f"{key}: tokenizer of {name_or_path!r} has no EOS token")
     if tok.pad_token_id is None:
@@ -90,9 +113,10 @@ def load_student(
     """The trainable student, in train mode with dropout as its config says."""
     _check_path(name_or_path, "student.path")
     target = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=resolve_dtype(dtype, target, "student.dtype")
-    )
+    model = _pretrained(
+        AutoModelForCausalLM.from_pretrained, name_or_path, "student.path", "model",
+        dtype=resolve_dtype(dtype, target, "student.dtype"),
+    )  # fmt: skip
     model.to(target)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -105,9 +129,10 @@ def load_teacher(name_or_path: str, *, dtype: str, device: str = "cpu") -> PreTr
     """The frozen teacher: eval mode (no dropout), no parameter requires a gradient."""
     _check_path(name_or_path, "teacher.path")
     target = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=resolve_dtype(dtype, target, "teacher.dtype")
-    )
+    model = _pretrained(
+        AutoModelForCausalLM.from_pretrained, name_or_path, "teacher.path", "model",
+        dtype=resolve_dtype(dtype, target, "teacher.dtype"),
+    )  # fmt: skip
     model.to(target)
     model.eval()
     model.requires_grad_(False)

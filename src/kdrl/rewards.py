@@ -150,8 +150,10 @@ def get_reward_fn(spec: str) -> RewardFn | None:
         raise ConfigError(f"reward.fn must be {choices}, got {spec!r}")
     try:
         obj: object = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"reward.fn {spec!r}: cannot import {module_name!r} ({err})") from err
+    except Exception as err:  # not found, or the module itself fails (SyntaxError, NameError)
+        raise ConfigError(
+            f"reward.fn {spec!r}: cannot import {module_name!r} ({type(err).__name__}: {err})"
+        ) from err
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"reward.fn {spec!r}: {module_name!r} has no attribute {attr_path!r}")
@@ -166,13 +168,20 @@ def compute_rewards(
     completions: list[str],
     answers: list[str | None],
     prompt_indices: list[int],
+    *,
+    sources: list[str] | None = None,
 ) -> list[float]:
-    """``fn(completion, answer)`` for each completion; a failure names the prompt index."""
-    assert len(completions) == len(answers) == len(prompt_indices)
-    name = getattr(fn, "__qualname__", repr(fn))
+    """``fn(completion, answer)`` for each completion; a failure names the prompt index and,
+    given ``sources`` (each completion's `Prompt.where`, e.g. ``p.jsonl line 3``), its row."""
+    sources = sources or [""] * len(completions)
+    assert len(completions) == len(answers) == len(prompt_indices) == len(sources)
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    name = f"{module}:{qualname}" if module and qualname else repr(fn)  # as reward.fn names it
     rewards = []
-    for completion, answer, index in zip(completions, answers, prompt_indices, strict=True):
-        where = f"reward function {name} on prompt {index} (completion {completion[:80]!r})"
+    rows = zip(completions, answers, prompt_indices, sources, strict=True)
+    for completion, answer, index, source in rows:
+        at = f"{source}, " if source else ""
+        where = f"reward function {name} on prompt {index} ({at}completion {completion[:80]!r})"
         try:
             value = fn(completion, answer)
         except Exception as err:

@@ -176,7 +176,10 @@ def score_rewards(run: Run, batch: RolloutBatch, prompts: list[Prompt]) -> torch
     if run.reward_fn is None:
         return torch.zeros(batch.num_sequences)
     answers = [p.answer for p in prompts for _ in range(run.cfg.rollout.n_samples)]
-    rewards = compute_rewards(run.reward_fn, batch.response_texts, answers, batch.prompt_index_B)
+    sources = [p.where for p in prompts for _ in range(run.cfg.rollout.n_samples)]
+    rewards = compute_rewards(
+        run.reward_fn, batch.response_texts, answers, batch.prompt_index_B, sources=sources
+    )
     return torch.tensor(rewards, dtype=torch.float32)
 
 

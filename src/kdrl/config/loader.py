@@ -77,15 +77,40 @@ def _parse_yaml(text: str, source: str) -> Any:
     try:
         return loader.get_single_data()
     except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse {source}: {err}") from err
+        raise ConfigError(f"cannot parse {source}: {_yaml_problem(err)}") from err
     finally:
         loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where, what, and what it was inside."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem is None:
+        return " ".join(str(err).split())
+    mark = err.problem_mark or err.context_mark
+    text = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    text += err.problem
+    if err.context:
+        inside = err.context_mark
+        text += f" ({err.context}" + (
+            f" started at line {inside.line + 1}, column {inside.column + 1})" if inside else ")"
+        )
+    return text
 
 
 def _read_file(path: Path) -> dict[Any, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist or is not a file")
-    data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # `err.object` is the whole file
+        line = err.object.count(b"\n", 0, err.start) + 1
+        column = err.start - err.object.rfind(b"\n", 0, err.start)
+        raise ConfigError(
+            f"config file {str(path)!r} line {line}, column {column}: not UTF-8 text ({err.reason})"
+        ) from err
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from err
+    data = _parse_yaml(text, str(path))
     if data is None:  # empty, or only comments: every key keeps its default
         return {}
     if not isinstance(data, dict):
