@@ -109,3 +109,17 @@ def test_minibatches_take_several_optimizer_steps(setup):
     assert one["grpo/ratio_mean"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="ppo_n_minibatches"):
         one_update(student, data, "pg", n_minibatches=7, max_tokens=10**6)
+
+
+def test_window_take_is_a_view_for_consecutive_or_broadcast_rows():
+    from kdrl.forward import Window
+
+    x = torch.arange(5 * 6 * 3.0).reshape(5, 6, 3)
+    window = Window(rows=[1, 2, 3], start=2, stop=5)
+    got = window.take(x)
+    assert torch.equal(got, x[[1, 2, 3], 2:5])
+    assert got.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # a view
+    shuffled = Window(rows=[3, 1, 2], start=2, stop=5).take(x)
+    assert torch.equal(shuffled, x[[3, 1, 2], 2:5])
+    ids = torch.arange(3).expand(5, 6, 3)  # the full distribution's ids, broadcast
+    assert torch.equal(Window(rows=[4, 0], start=1, stop=3).take(ids), ids[[4, 0], 1:3])

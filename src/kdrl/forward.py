@@ -26,8 +26,13 @@ class Window:
 
     def take(self, x_BT: Tensor, device: torch.device | None = None) -> Tensor:
         """``x`` for these rows and positions, ``[len(rows), W, ...]``."""
-        if x_BT.stride(0) == 0:  # broadcast over rows (e.g. the full top-k's ids): stay a view
-            out = x_BT[: len(self.rows), self.start : self.stop]
+        # A view where one exists: at V = 150k, a gathered copy of the teacher's [B, T, V]
+        # distribution would be gigabytes.
+        first, n = self.rows[0], len(self.rows)
+        if x_BT.stride(0) == 0:  # broadcast over rows (e.g. the full top-k's ids)
+            out = x_BT[:n, self.start : self.stop]
+        elif self.rows == list(range(first, first + n)):
+            out = x_BT[first : first + n, self.start : self.stop]
         else:
             out = x_BT[self.rows, self.start : self.stop]
         return out if device is None else out.to(device)

@@ -95,7 +95,6 @@ class LocalTeacher:
         # the teacher's distribution is renormalised over the ids the student has.
         self.vocab = vocab
 
-    @torch.inference_mode()
     def score(
         self, batch: RolloutBatch, *, top_k: int = 0, candidate_ids_BTC: Tensor | None = None
     ) -> TeacherOutput:
@@ -119,30 +118,33 @@ class LocalTeacher:
         # The sampled tokens alone need no [B, T, V] logits (`kdrl.fused`); the top-k and the
         # candidates read the whole distribution, one chunk of positions at a time.
         fused = not k and cand_lp is None and fused_eligible(self.model)
-        for rows in token_budget_microbatches(lengths, self.max_tokens):
-            window = response_window(batch, rows)
-            if fused:
-                lp, _ = window_token_logprobs(
-                    self.model, batch, window, temperature=self.temperature, vocab=self.vocab
-                )
-                logp_BT[rows, window.start : window.stop] = lp.cpu()
-                continue
-            for bt, x_CV, ids_C in self._distribution_chunks(batch, window):
-                # Scaled logit minus logsumexp (token_logprobs' arithmetic) for the sampled
-                # token and the candidates alike: a candidate equal to the sampled token gets
-                # exactly logprobs_BT's value.
-                lse_C1 = x_CV.logsumexp(-1, keepdim=True)
-                logp_BT[bt] = (x_CV.gather(-1, ids_C[:, None]) - lse_C1).squeeze(-1).cpu()
-                if cand_lp is not None:
-                    cand = candidate_ids_BTC[bt].to(x_CV.device)
-                    cand_lp[bt] = (x_CV.gather(-1, cand) - lse_C1).cpu()
-                if k:
-                    dist_CV = x_CV.sub_(lse_C1)
-                    if full:
-                        topk_lp[bt] = dist_CV.cpu()
-                    else:
-                        values, idx = dist_CV.topk(k, dim=-1)
-                        topk_lp[bt], topk_ids[bt] = values.cpu(), idx.cpu()
+        # The outputs are ordinary tensors (a loss may read views of them under autograd);
+        # only the teacher's own work runs in inference mode.
+        with torch.inference_mode():
+            for rows in token_budget_microbatches(lengths, self.max_tokens):
+                window = response_window(batch, rows)
+                if fused:
+                    lp, _ = window_token_logprobs(
+                        self.model, batch, window, temperature=self.temperature, vocab=self.vocab
+                    )
+                    logp_BT[rows, window.start : window.stop] = lp.cpu()
+                    continue
+                for bt, x_CV, ids_C in self._distribution_chunks(batch, window):
+                    # Scaled logit minus logsumexp (token_logprobs' arithmetic) for the sampled
+                    # token and the candidates alike: a candidate equal to the sampled token gets
+                    # exactly logprobs_BT's value.
+                    lse_C1 = x_CV.logsumexp(-1, keepdim=True)
+                    logp_BT[bt] = (x_CV.gather(-1, ids_C[:, None]) - lse_C1).squeeze(-1).cpu()
+                    if cand_lp is not None:
+                        cand = candidate_ids_BTC[bt].to(x_CV.device)
+                        cand_lp[bt] = (x_CV.gather(-1, cand) - lse_C1).cpu()
+                    if k:
+                        dist_CV = x_CV.sub_(lse_C1)
+                        if full:
+                            topk_lp[bt] = dist_CV.cpu()
+                        else:
+                            values, idx = dist_CV.topk(k, dim=-1)
+                            topk_lp[bt], topk_ids[bt] = values.cpu(), idx.cpu()
         resp = batch.response_mask_BT
         logp_BT = torch.where(resp, logp_BT, 0.0)
         if cand_lp is not None:

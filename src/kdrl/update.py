@@ -83,7 +83,8 @@ def _padded_microbatches(lengths: list[int], max_tokens: int, ctx: DistContext):
     """Token-budget micro-batches, then as many repeats of the first as it takes for every rank
     to run the same number of forward/backward passes (FSDP2 gathers parameters in each one).
     Yields ``(rows, is_padding)``."""
-    groups = token_budget_microbatches(lengths, max_tokens)
+    # Each group in row order: a run of consecutive rows reads its window as a view.
+    groups = [sorted(g) for g in token_budget_microbatches(lengths, max_tokens)]
     (most,) = all_reduce([len(groups)], ctx, "max")
     return [(g, False) for g in groups] + [(groups[0], True)] * (int(most) - len(groups))
 
