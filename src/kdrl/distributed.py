@@ -207,21 +207,28 @@ def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(unwrap(model), options=options)
 
 
-def full_optimizer_state_dict(model: torch.nn.Module, optimizer, ctx: DistContext) -> dict:
+def full_optimizer_state_dict(model: torch.nn.Module, optimizer, ctx: DistContext) -> dict | None:
     """The optimizer's state keyed by parameter name, unsharded, so a checkpoint resumes at any
     world size. A collective under torchrun; rank 0 gets the tensors. (Decided by ``ctx``, not
-    by ``dist.is_initialized()``: an in-process vLLM engine initialises a world of one.)"""
+    by ``dist.is_initialized()``: an in-process vLLM engine initialises a world of one.)
+
+    None before the first optimizer step (every step so far skipped as non-finite): torch fills
+    an empty state with a zero-gradient step, which would count as an AdamW step."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    if not optimizer.state:  # alike on every rank: optimizer steps are global
+        return None
     options = StateDictOptions(full_state_dict=True, cpu_offload=True) if ctx.enabled else None
     return get_optimizer_state_dict(unwrap(model), optimizer, options=options)
 
 
 def load_full_optimizer_state_dict(
-    model: torch.nn.Module, optimizer, state: dict, ctx: DistContext
+    model: torch.nn.Module, optimizer, state: dict | None, ctx: DistContext
 ) -> None:
     """Load what :func:`full_optimizer_state_dict` saved; each rank keeps its own shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if state is None:  # saved before the first optimizer step: a new optimizer is that state
+        return
     options = StateDictOptions(full_state_dict=True) if ctx.enabled else None
     set_optimizer_state_dict(unwrap(model), optimizer, state, options=options)

@@ -15,6 +15,7 @@ from kdrl.config import Config, config_to_dict, load_config
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.epochs", "train.save_every_steps", "train.keep_checkpoints",
     "train.tensorboard", "train.wandb", "train.threads", "train.device", "train.parallel",
+    "train.skip_nonfinite", "train.max_skipped_steps",
     "eval.every_steps",
     "eval.max_prompts",
 }  # fmt: skip

@@ -53,6 +53,7 @@ from kdrl.evaluate import Answers, evaluate, teacher_reference
 from kdrl.grpo import group_advantages
 from kdrl.metrics import MetricsWriter
 from kdrl.models import load_student, load_tokenizer, support_size
+from kdrl.nonfinite import NonFinite, skip_or_stop
 from kdrl.rewards import RewardFn, compute_rewards, get_reward_fn
 from kdrl.rollout import Rollout, RolloutBatch, sequence_seed
 from kdrl.run_dir import prepare_output_dir
@@ -86,6 +87,8 @@ class Run:
     step: int = 0
     eval_reference: Answers | None = None
     """The teacher's greedy answers on the held-out prompts, computed at the first evaluation."""
+    skipped_steps: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient norm, over the whole run."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -153,6 +156,7 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
         rng = state["rng"]
         restore_rng_state(rng[ctx.rank] if len(rng) == ctx.world else rng[0])
         run.step = state["step"]
+        run.skipped_steps = state.get("skipped_steps", 0)  # absent from older checkpoints
         log.info("resumed from %s at step %d", checkpoint, run.step)
     return run
 
@@ -244,13 +248,20 @@ def train_step(run: Run) -> dict[str, float] | None:
         correct = rewards_B >= cfg.reward.correct_threshold
         kd_weights_B = torch.where(correct, cfg.teacher.kd_correct_weight, 1.0)
     settings = loss_settings(cfg, run.step, support_size(run.model, run.tokenizer))
+
+    def on_nonfinite(found: NonFinite) -> None:  # raises, or counts a skipped optimizer step
+        run.skipped_steps = skip_or_stop(found, step=run.step + 1, skipped=run.skipped_steps,
+                                         train=cfg.train, warn=run.ctx.is_main)  # fmt: skip
+
     metrics = policy_update(
         run.student, run.optimizer, run.scheduler,
         UpdateBatch(batch, teacher_out, advantages_B, kd_weights_B), settings,
         n_minibatches=cfg.train.ppo_n_minibatches,
         max_tokens_per_mb=cfg.train.mb_spec.max_tokens_per_mb,
-        max_grad_norm=cfg.optim.max_grad_norm, ctx=run.ctx,
+        max_grad_norm=cfg.optim.max_grad_norm, ctx=run.ctx, on_nonfinite=on_nonfinite,
     )  # fmt: skip
+    if cfg.train.skip_nonfinite:
+        metrics["optim/skipped_steps"] = float(run.skipped_steps)
     run.rollout.sync_weights(run.model)
     t4 = time.perf_counter()
     run.step += 1
@@ -306,6 +317,7 @@ def save(run: Run) -> Path | None:
     weights = full_model_state_dict(run.student) if run.ctx.enabled else None
     state = {
         "step": run.step,
+        "skipped_steps": run.skipped_steps,
         "optimizer": full_optimizer_state_dict(run.student, run.optimizer, run.ctx),
         "scheduler": run.scheduler.state_dict(),
         "sampler": run.sampler.state_dict(),

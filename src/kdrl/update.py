@@ -1,6 +1,13 @@
 """One policy update on a rollout batch: minibatches of optimizer steps, each accumulated over
 token-budget micro-batches.
 
+Non-finite values are checked before every optimizer step: a minibatch whose loss (any
+micro-batch) or gradient norm is nan/inf takes no optimizer or LR-schedule step, and its
+gradients are dropped. The guarantee is per optimizer step: the weights, the optimizer state and
+the scheduler are exactly as the previous minibatch's step left them, and the steps of earlier
+minibatches of the same update stand. By default the update then raises `NonFiniteError`; an
+``on_nonfinite`` callback may instead let it go on with the next minibatch (a skipped step).
+
 Shape legend: ``B`` sequences, ``T`` positions, ``V`` vocabulary, ``K`` teacher top-k. Inside a
 micro-batch every ``*_BT`` tensor covers the micro-batch's response window (`kdrl.forward`):
 column ``j`` is about token ``window.start + j``, predicted by the logits at the position
@@ -12,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +34,9 @@ from kdrl.logprobs import token_logprobs
 from kdrl.loss import TeacherDistribution, kdrl_loss
 from kdrl.masking import masked_sum
 from kdrl.microbatch import token_budget_microbatches
+from kdrl.nonfinite import NonFinite, NonFiniteError
 from kdrl.rollout import RolloutBatch
 from kdrl.teacher import TeacherOutput
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient norm was nan/inf; raised before the optimizer touches the weights."""
 
 
 @dataclass
@@ -158,9 +163,14 @@ def policy_update(
     max_tokens_per_mb: int,
     max_grad_norm: float,
     ctx: DistContext = SINGLE,
+    on_nonfinite: Callable[[NonFinite], None] | None = None,
 ) -> dict[str, float]:
     """``n_minibatches`` optimizer steps over consecutive shares of the batch. Each step's loss
-    is normalised by its share's response-token count; metrics are averaged over steps.
+    is normalised by its share's response-token count; metrics are averaged over the steps taken.
+
+    A minibatch with a non-finite loss or gradient norm takes no step (module docstring): with
+    ``on_nonfinite`` None that raises `NonFiniteError`; otherwise ``on_nonfinite`` is called
+    with what was found (it may raise to stop) and the update goes on without that step.
 
     Under data parallelism (``ctx``) ``data`` is this rank's share: the token count is summed
     over ranks and each rank's loss multiplied by the world size (the wrapper averages
@@ -180,39 +190,71 @@ def policy_update(
     # The optimizer's own list: under FSDP2, `model.parameters()` may return the root module's
     # unsharded views between a forward and the reshard, which never receive gradients.
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    for lo, hi in itertools.pairwise(bounds):
+    skipped = 0
+    for minibatch, (lo, hi) in enumerate(itertools.pairwise(bounds), start=1):
         share = list(range(lo, hi))
         (num_tokens,) = all_reduce([float(data.rollout.response_mask_BT[share, 1:].sum())], ctx)
         num_tokens = max(num_tokens, 1.0)
         lengths = data.rollout.attention_mask_BT[share].sum(1).tolist()
         groups = _padded_microbatches(lengths, max_tokens_per_mb, ctx)
+        found: NonFinite | None = None
+        taken: list[dict[str, float]] = []
         for i, (group, padding) in enumerate(groups):
             rows = [share[j] for j in group]
             with no_grad_sync(model, enabled=i < len(groups) - 1):
                 loss, metrics = _microbatch_loss(model, data, rows, old_BT, settings, num_tokens)
-                (bad,) = all_reduce([0.0 if torch.isfinite(loss) else 1.0], ctx, "max")
-                if bad:  # on any rank: every rank stops before its optimizer step
-                    optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteError(f"non-finite loss {loss.item()} ({metrics})")
+                if found is None:
+                    found = _check_loss(metrics, ctx, minibatch, n_minibatches)
+                # A bad minibatch still runs all its passes, so that the data-parallel wrappers'
+                # gradient collectives line up (and FSDP2 flushes what it accumulated); its
+                # gradients are dropped before any optimizer step.
                 (loss * (0.0 if padding else ctx.world)).backward()
             if not padding:
-                for key, value in metrics.items():
-                    totals[key] += value / n_minibatches
-        clip = max_grad_norm if max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        # Under FSDP2 the norm is a DTensor over the shards; its full value is the global norm.
-        grad_norm = float(
-            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        )
-        if not math.isfinite(grad_norm):
+                taken.append(metrics)
+        if found is None:
+            clip = max_grad_norm if max_grad_norm > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            # Under FSDP2 the norm is a DTensor over the shards; its full value is the global norm.
+            grad_norm = float(
+                grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            )
+            if not math.isfinite(grad_norm):
+                found = NonFinite("optim/grad_norm", grad_norm, minibatch, n_minibatches)
+        if found is not None:  # every rank found it: the checks are global
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(f"non-finite gradient norm {grad_norm}")
+            if on_nonfinite is None:
+                raise NonFiniteError(
+                    f"non-finite {found}: stopped before the optimizer step", found
+                )
+            on_nonfinite(found)
+            skipped += 1
+            continue
+        for metrics in taken:
+            for key, value in metrics.items():
+                totals[key] += value / n_minibatches
         totals["optim/grad_norm"] += grad_norm / n_minibatches
         totals["optim/lr"] = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+    if 0 < skipped < n_minibatches:  # averages over the steps taken
+        scale = n_minibatches / (n_minibatches - skipped)
+        totals = {k: v if k == "optim/lr" else v * scale for k, v in totals.items()}
     # Loss-type metrics are token sums over the global count: adding the ranks' shares gives the
     # global value. The gradient norm and learning rate are already global.
     optim = {k: v for k, v in totals.items() if k.startswith("optim/")}
     return reduce_metrics({k: v for k, v in totals.items() if k not in optim}, ctx) | optim
+
+
+def _check_loss(
+    metrics: dict[str, float], ctx: DistContext, minibatch: int, n_minibatches: int
+) -> NonFinite | None:
+    """What is non-finite in a micro-batch's loss on any rank (one collective), or None."""
+    (bad,) = all_reduce([0.0 if math.isfinite(metrics["loss/total"]) else 1.0], ctx, "max")
+    if not bad:
+        return None
+    terms = [k for k in metrics if k.startswith("loss/") and k != "loss/total"] + ["loss/total"]
+    for key in terms:
+        if not math.isfinite(metrics[key]):
+            return NonFinite(key, metrics[key], minibatch, n_minibatches)
+    return NonFinite("loss/total", math.nan, minibatch, n_minibatches, elsewhere=True)

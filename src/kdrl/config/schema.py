@@ -248,6 +248,16 @@ class TrainConfig:
     parallel: ParallelStrategy = "fsdp"
     """Data parallelism under `torchrun`: `fsdp` shards the student (FSDP2), `ddp` replicates
     it. Ignored in a single process. `batch_size` must divide by the number of ranks."""
+    skip_nonfinite: bool = False
+    """What a nan/inf loss or gradient norm does. It is always caught before the optimizer step,
+    which then does not happen (weights, optimizer state and LR schedule untouched; earlier
+    minibatches of the step keep their updates). false: the run stops with an error naming the
+    step and the value. true: the step's gradients are dropped, a warning is logged, the run
+    goes on, and `optim/skipped_steps` counts the skipped optimizer steps (a skipped step does
+    not advance the LR schedule)."""
+    max_skipped_steps: int = 10
+    """With `skip_nonfinite`: stop the run with an error once more than this many optimizer
+    steps (one per minibatch) have been skipped in total, resumed runs included."""
 
 
 @dataclass

@@ -85,6 +85,7 @@ _RANGES: dict[str, Rule] = {
     "train.save_every_steps": _ge(0),
     "train.keep_checkpoints": _ge(1),
     "train.threads": _ge(0),
+    "train.max_skipped_steps": _ge(1),
     "eval.every_steps": _ge(0),
     "eval.max_prompts": _ge(0),
     "eval.temperature": _ge(0),
