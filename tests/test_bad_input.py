@@ -1,4 +1,4 @@
-"""The bad-input catalogue (docs/bad-input-catalogue.md): inputs kdrl must refuse with one line
+"""The bad-input catalogue (docs/reliability.md, "Bad input"): inputs kdrl must refuse with one line
 naming the file, row, key or model, and failures mid-run that must keep the work already
 written (checkpoints and metrics of the steps before). Cases whose tests live next to the code
 they check (test_config, test_data, test_preflight, ...) are listed in the catalogue only."""
