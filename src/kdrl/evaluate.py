@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from kdrl import stop
 from kdrl.data import Prompt
 from kdrl.divergences import full_divergence_loss
 from kdrl.forward import response_window, window_logits
@@ -76,6 +77,7 @@ def exact_reverse_kl_sum(student, teacher, batch: RolloutBatch, *, student_tempe
     lengths = batch.attention_mask_BT.sum(1).tolist()
     total = 0.0
     for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
+        stop.abandon_point()  # a stop request during training skips the evaluation
         window = response_window(batch, rows)
         student_logits = window_logits(student, batch, window)[..., :vocab]
         teacher_logits = window_logits(teacher, batch, window)[..., :vocab].to(student.device)
@@ -97,6 +99,7 @@ def top1_matches(
     lengths = batch.attention_mask_BT.sum(1).tolist()
     hits = 0
     for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
+        stop.abandon_point()
         window = response_window(batch, rows)
         guess = window_logits(student, batch, window)[..., :vocab].argmax(-1).cpu()
         same = guess == window.take(batch.input_ids_BT)

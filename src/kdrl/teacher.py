@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from kdrl import stop
 from kdrl.forward import response_window, window_logits
 from kdrl.fused import fused_eligible, window_token_logprobs
 from kdrl.logprobs import token_logprobs
@@ -108,6 +109,7 @@ class LocalTeacher:
         # candidates read the whole distribution.
         fused = not k and cand_lp is None and fused_eligible(self.model)
         for rows in token_budget_microbatches(lengths, self.max_tokens):
+            stop.abandon_point()  # a stop request drops the step before its update
             window = response_window(batch, rows)
             if fused:
                 lp, _ = window_token_logprobs(
