@@ -113,11 +113,11 @@ def last_step(out: Path) -> int:
 class Trainer:
     """A ``python -m kdrl train`` process, its output in a file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env=None, launcher=("kdrl",)) -> None:
         self.log = log
         with open(log, "wb") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kdrl", "train", *args], env={**ENV, **(env or {})},
+                [sys.executable, "-m", *launcher, "train", *args], env={**ENV, **(env or {})},
                 stdout=fh, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -142,8 +142,8 @@ class Trainer:
 
 
 @contextmanager
-def trainer(args: list[str], log: Path, env: dict[str, str] | None = None):
-    t = Trainer(args, log, env)
+def trainer(args: list[str], log: Path, env=None, launcher=("kdrl",)):
+    t = Trainer(args, log, env, launcher)
     try:
         yield t
     finally:
@@ -268,6 +268,50 @@ def test_a_second_signal_exits_at_once_and_the_last_checkpoint_stays_loadable(
     assert step >= 2 and saved == checkpoint_path(out, step)
     model = AutoModelForCausalLM.from_pretrained(saved)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """``{rank: pid}`` of the processes torchrun started (Linux /proc)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    ranks = {}
+    for pid in map(int, children):
+        env = dict(
+            item.split("=", 1)
+            for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+            if "=" in item
+        )
+        ranks[int(env["RANK"])] = pid
+    return ranks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks in /proc")
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(
+    tiny_pair, prompts, baseline_mid, tmp_path
+):
+    out = tmp_path / "run"
+    args = overrides(tiny_pair, prompts, out, *MID_RUN, "train.parallel=ddp")
+    torchrun = ["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrl"]
+    with trainer(args, tmp_path / "log", launcher=torchrun) as t:
+        t.wait_for(lambda: last_step(out) >= 2, "step 2")
+        os.kill(worker_pids(t.proc)[1], signal.SIGTERM)  # rank 1 only; rank 0 writes the files
+        code = t.exit_code()
+    text = t.output()
+    assert code == 0, text[-4000:]
+    saved = find_latest_checkpoint(out)
+    assert saved is not None, text[-4000:]
+    step = load_trainer_state(saved)["step"]
+    # Rank 0 learnt of the signal through the step-boundary all-reduce.
+    assert f"stopped by SIGTERM after step {step} of 10" in text, text[-4000:]
+    assert "abandoned" not in text  # ranks always finish their step
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))
+    # Two ranks reduce in another order than one process: equal up to rounding.
+    with trainer([*args, "--resume"], tmp_path / "log2", launcher=torchrun) as t:
+        assert t.exit_code() == 0, t.output()[-4000:]
+    got, want = read_metrics(out), read_metrics(baseline_mid)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4, abs=1e-6), a["step"]
 
 
 # --- a signal at an exact point, sent by the run itself -----------------------------------------

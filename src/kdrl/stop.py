@@ -74,28 +74,34 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum is not None else "none"
 
     def agreed(self, ctx: DistContext) -> bool:
-        """Whether to stop before the next step: true on every rank if any rank was signalled.
-        A collective under ``torchrun`` (every rank calls it at every step boundary)."""
+        """Whether to stop before the next step: true on every rank if any rank was signalled
+        (a rank that was not takes the signal's name). A collective under ``torchrun``: every
+        rank calls it at every step boundary."""
         from kdrl.distributed import all_reduce
 
-        flag = 1.0 if self.requested else 0.0
-        return all_reduce([flag], ctx, "max")[0] > 0
+        if not ctx.enabled:
+            return self.requested
+        # The reduced value, not this rank's flag: a signal that lands after this rank's
+        # contribution counts at the next boundary, on every rank alike.
+        signum = int(all_reduce([float(self.signum or 0)], ctx, "max")[0])
+        if signum and self.signum is None:
+            self.signum = signum
+        return signum > 0
 
     def finish(
-        self, step: int, total: int, checkpoint: Path | None, output_dir: Path | None
+        self, step: int, total: int, checkpoint: Path | None, output_dir: Path, *, main: bool
     ) -> NoReturn:
-        """End a stopped run: log where it stopped and how to go on, then raise :class:`Stopped`.
-        ``checkpoint`` None: stopped before its first step, with nothing worth keeping; the
-        run's ``metrics.jsonl`` (in ``output_dir``, given on rank 0) is removed so that the same
-        command starts it over."""
-        if checkpoint is None:
-            if output_dir is not None:
-                (output_dir / METRICS_FILE).unlink(missing_ok=True)
+        """End a stopped run: log (``main``: rank 0) where it stopped and how to go on, then
+        raise :class:`Stopped`. ``checkpoint`` None: stopped before its first step, with nothing
+        worth keeping; rank 0 removes the run's ``metrics.jsonl`` so that the same command
+        starts it over."""
+        if checkpoint is None and main:
+            (output_dir / METRICS_FILE).unlink(missing_ok=True)
             log.warning(
                 "stopped by %s before the first step: nothing to save; run the same command "
                 "again (without --resume) to start over", self.name,
             )  # fmt: skip
-        else:
+        elif main:
             log.warning(
                 "stopped by %s after step %d of %d; checkpoint %s; to continue, run the same "
                 "command with --resume (kdrl train ... --resume)",

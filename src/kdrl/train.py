@@ -382,15 +382,16 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
                         last_saved = run.step
             except StepAbandoned:
                 pass  # nothing of the abandoned step (or first evaluation) was kept
+        final = checkpoint_path(output_dir, run.step)
         stopped = stop.requested and run.step < run.sampler.total_steps
         if stopped and checkpoint is None and run.step == 0:
             final = None  # nothing trained yet: nothing to save
-        else:
-            final = save(run) if last_saved != run.step else checkpoint_path(output_dir, run.step)
+        elif last_saved != run.step:
+            save(run)
     if stopped:  # raises kdrl.stop.Stopped
-        stop.finish(run.step, run.sampler.total_steps, final, output_dir if ctx.is_main else None)
+        stop.finish(run.step, run.sampler.total_steps, final, output_dir, main=ctx.is_main)
     log.info("done: %d steps; final model in %s", run.step, final)
-    return checkpoint_path(output_dir, run.step)
+    return final
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
