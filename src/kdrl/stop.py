@@ -5,6 +5,8 @@ The first signal only sets a flag; the run stops at the next safe point, writes 
 raises :class:`Stopped`, which ``kdrl train`` turns into exit status 0. The handler also puts
 back the default action of both signals, so a second one ends the process at once, even inside
 a long C call; committed checkpoints stay valid (:mod:`kdrl.checkpoint` writes them atomically).
+(Python runs a handler in the main thread between bytecodes: two signals that both arrive
+within one long C call, e.g. one forward pass, count as one.)
 
 Safe points:
 
@@ -21,6 +23,7 @@ Safe points:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -116,10 +119,12 @@ class StopRequest:
         self.signum = signum
         if self.announce:
             # os.write, not logging: a handler may run while the logging lock is held.
-            os.write(2, (
+            message = (
                 f"\nkdrl: {self.name} received: stopping at the next safe point and saving a "
                 "checkpoint; send it again to exit at once\n"
-            ).encode())  # fmt: skip
+            )
+            with contextlib.suppress(OSError):  # no stderr (a closed descriptor)
+                os.write(2, message.encode())
 
 
 _active: StopRequest | None = None
