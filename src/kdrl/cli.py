@@ -232,8 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``kdrl`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     args = build_parser().parse_args(argv)
+    from kdrl.stop import Stopped
+
     try:
         return args.func(args)
+    except Stopped:  # SIGTERM/SIGINT: the run saved a checkpoint and logged how to resume
+        return 0
     except ValueError as err:  # bad input: config, data, model paths, run directory
         if os.environ.get("KDRL_DEBUG"):
             raise

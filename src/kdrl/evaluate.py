@@ -9,18 +9,26 @@ sums ``q log(q / p)`` over the whole vocabulary (student at its rollout temperat
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
+from kdrl import stop
 from kdrl.data import Prompt
+from kdrl.distributed import is_sharded
 from kdrl.divergences import full_divergence_loss
 from kdrl.forward import response_window, window_logits
 from kdrl.microbatch import token_budget_microbatches
 from kdrl.models import support_size
 from kdrl.rewards import RewardFn, compute_rewards
-from kdrl.rollout import HFRollout, RolloutBatch
+from kdrl.rollout import HFRollout, RolloutBatch, sequence_seed
+
+if TYPE_CHECKING:
+    from kdrl.train import Run
 
 EVAL_CHUNK = 16
 
@@ -77,6 +85,7 @@ def exact_reverse_kl_sum(student, teacher, batch: RolloutBatch, *, student_tempe
     lengths = batch.attention_mask_BT.sum(1).tolist()
     total = 0.0
     for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
+        stop.abandon_point()  # a stop request during training skips the evaluation
         window = response_window(batch, rows)
         student_logits = window_logits(student, batch, window)[..., :vocab]
         teacher_logits = window_logits(teacher, batch, window)[..., :vocab].to(student.device)
@@ -98,6 +107,7 @@ def top1_matches(
     lengths = batch.attention_mask_BT.sum(1).tolist()
     hits = 0
     for rows in token_budget_microbatches(lengths, max_tokens_per_mb):
+        stop.abandon_point()
         window = response_window(batch, rows)
         guess = window_logits(student, batch, window)[..., :vocab].argmax(-1).cpu()
         same = guess == window.take(batch.input_ids_BT)
@@ -206,3 +216,38 @@ def evaluate_model(cfg, model: str) -> dict[str, float]:
         max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb, **limits,
     )  # fmt: skip
     return {"eval/prompts": float(len(prompts)), **metrics, **teacher_metrics}
+
+
+def run_eval(run: Run) -> dict[str, float]:
+    """The training loop's evaluation on the held-out prompts of ``run``; answers go to
+    ``samples/step-%08d.jsonl``. The first call also records the teacher's greedy answers
+    (``samples/teacher.jsonl``)."""
+    if not run.eval_prompts:
+        return {}
+    cfg = run.cfg
+    limits = dict(max_new_tokens=cfg.rollout.max_new_tokens, reward_fn=run.reward_fn,
+                  correct_threshold=cfg.reward.correct_threshold)  # fmt: skip
+    extra: dict[str, float] = {}
+    if run.teacher_model is not None and run.eval_reference is None:
+        run.eval_reference, extra = teacher_reference(
+            run.teacher_model, run.tokenizer, run.eval_prompts, **limits
+        )
+        if run.ctx.is_main:
+            _write_rows(run.output_dir / "samples" / "teacher.jsonl", run.eval_reference.rows())
+    # Every rank evaluates the same prompts with the same seed (a sharded student needs all
+    # ranks in each forward pass); rank 0 writes.
+    metrics, answers = evaluate(
+        run.model, run.tokenizer, run.eval_prompts, teacher=run.teacher_model,
+        reference=run.eval_reference, temperature=cfg.eval.temperature,
+        student_temperature=cfg.rollout.temperature, teacher_temperature=cfg.teacher.temperature,
+        max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb, **limits,
+        seed=sequence_seed(cfg.seed, -1, -1), synced=is_sharded(run.student),
+    )  # fmt: skip
+    if run.ctx.is_main:
+        _write_rows(run.output_dir / "samples" / f"step-{run.step:08d}.jsonl", answers.rows())
+    return metrics | extra
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")

@@ -17,8 +17,16 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
+from kdrl import stop
 from kdrl.data import Prompt
 
 
@@ -149,6 +157,15 @@ def inverse_cdf_sample(probs_BV: Tensor, generators: list[torch.Generator]) -> T
     return picked_B.clamp(max=probs_BV.shape[-1] - 1)
 
 
+class _StopWhenAsked(StoppingCriteria):
+    """Ends generation early once a stop was requested (SIGTERM/SIGINT, :mod:`kdrl.stop`); the
+    caller then abandons the step."""
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        done = stop.abandoning()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
 class HFRollout:
     """Sampling with ``transformers`` ``generate`` (KV cache) on the training model itself."""
 
@@ -214,15 +231,17 @@ class HFRollout:
         self.model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
         self.model.eval()
         device = self.model.device
+        stopping = StoppingCriteriaList([_StopWhenAsked()] if stop.may_abandon() else [])
         try:
             out = self.model.generate(
                 input_ids=left.to(device), attention_mask=attn.to(device),
                 generation_config=config, logits_processor=LogitsProcessorList([recorder]),
-                synced_gpus=self.synced,
+                stopping_criteria=stopping, synced_gpus=self.synced,
             )  # fmt: skip
         finally:
             self.model.generation_config = saved_defaults
             self.model.train(was_training)
+        stop.abandon_point()  # generation may have been cut short: these samples are unusable
         recorder.record(out[:, -1])
         new_tokens = out[:, width:].cpu()
         behav = torch.stack(recorder.recorded, 1).cpu() if recorder.recorded else None

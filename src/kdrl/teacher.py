@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from kdrl import stop
 from kdrl.forward import response_window, window_logits
 from kdrl.fused import (
     default_chunk_rows,
@@ -122,6 +123,7 @@ class LocalTeacher:
         # only the teacher's own work runs in inference mode.
         with torch.inference_mode():
             for rows in token_budget_microbatches(lengths, self.max_tokens):
+                stop.abandon_point()  # a stop request drops the step before its update
                 window = response_window(batch, rows)
                 if fused:
                     lp, _ = window_token_logprobs(

@@ -9,7 +9,6 @@ schedule live in the checkpoint, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -49,7 +48,7 @@ from kdrl.distributed import (
 )
 from kdrl.divergences import DIVERGENCES
 from kdrl.engines import make_rollout, make_teacher
-from kdrl.evaluate import Answers, evaluate, teacher_reference
+from kdrl.evaluate import Answers, run_eval
 from kdrl.grpo import group_advantages
 from kdrl.metrics import MetricsWriter
 from kdrl.models import load_student, load_tokenizer, support_size
@@ -59,6 +58,8 @@ from kdrl.rollout import Rollout, RolloutBatch, sequence_seed
 from kdrl.run_dir import prepare_output_dir
 from kdrl.sampler import PromptSampler
 from kdrl.schedule import build_optimizer, distill_weight
+from kdrl.stop import StepAbandoned, StopRequest, abandon_point, handle_stop_signals, skippable
+from kdrl.stop import rewind_on_abandon as rewind
 from kdrl.teacher import Teacher, TeacherOutput
 from kdrl.update import LossSettings, UpdateBatch, policy_update
 
@@ -237,6 +238,7 @@ def train_step(run: Run) -> dict[str, float] | None:
     rewards_B = score_rewards(run, batch, prompts)
     t2 = time.perf_counter()
     teacher_out = score_teacher(run, batch)
+    abandon_point()  # the last point a stop request drops the step: the update changes weights
     t3 = time.perf_counter()
     advantages_B = group_advantages(
         rewards_B.view(len(prompts), cfg.rollout.n_samples),
@@ -277,40 +279,6 @@ def train_step(run: Run) -> dict[str, float] | None:
     }  # fmt: skip
 
 
-def run_eval(run: Run) -> dict[str, float]:
-    """Evaluate on the held-out prompts; answers go to ``samples/step-%08d.jsonl``. The first
-    call also records the teacher's greedy answers (``samples/teacher.jsonl``)."""
-    if not run.eval_prompts:
-        return {}
-    cfg = run.cfg
-    limits = dict(max_new_tokens=cfg.rollout.max_new_tokens, reward_fn=run.reward_fn,
-                  correct_threshold=cfg.reward.correct_threshold)  # fmt: skip
-    extra: dict[str, float] = {}
-    if run.teacher_model is not None and run.eval_reference is None:
-        run.eval_reference, extra = teacher_reference(
-            run.teacher_model, run.tokenizer, run.eval_prompts, **limits
-        )
-        if run.ctx.is_main:
-            _write_rows(run.output_dir / "samples" / "teacher.jsonl", run.eval_reference.rows())
-    # Every rank evaluates the same prompts with the same seed (a sharded student needs all
-    # ranks in each forward pass); rank 0 writes.
-    metrics, answers = evaluate(
-        run.model, run.tokenizer, run.eval_prompts, teacher=run.teacher_model,
-        reference=run.eval_reference, temperature=cfg.eval.temperature,
-        student_temperature=cfg.rollout.temperature, teacher_temperature=cfg.teacher.temperature,
-        max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb, **limits,
-        seed=sequence_seed(cfg.seed, -1, -1), synced=is_sharded(run.student),
-    )  # fmt: skip
-    if run.ctx.is_main:
-        _write_rows(run.output_dir / "samples" / f"step-{run.step:08d}.jsonl", answers.rows())
-    return metrics | extra
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
-
-
 def save(run: Run) -> Path | None:
     """Write a checkpoint a single process can load: weights and optimizer state gathered whole
     (collectives: every rank calls this), written by rank 0; the path on rank 0, None elsewhere."""
@@ -335,16 +303,20 @@ def save(run: Run) -> Path | None:
 
 def train(cfg: Config, *, resume: bool = False, force: bool = False) -> Path:
     """Run training to the end; returns the final checkpoint (a Hugging Face model folder).
+    Stopped by SIGTERM/SIGINT, it saves a checkpoint and raises :class:`kdrl.stop.Stopped`.
 
     Under ``torchrun`` every rank runs this; rank 0 alone touches the run directory."""
     ctx = init_from_env(cfg.train.parallel, cfg.train.device)
     try:
-        return _train(cfg, ctx, resume=resume, force=force)
+        # SIGTERM/SIGINT: stop at a safe point and save (kdrl.stop); one process may abandon a
+        # step mid-way, ranks under torchrun stop together after a step.
+        with handle_stop_signals(abandon=not ctx.enabled, announce=ctx.is_main) as stop:
+            return _train(cfg, ctx, stop, resume=resume, force=force)
     finally:
         shutdown(ctx)
 
 
-def _train(cfg: Config, ctx: DistContext, *, resume: bool, force: bool) -> Path:
+def _train(cfg: Config, ctx: DistContext, stop: StopRequest, *, resume: bool, force: bool) -> Path:
     output_dir, checkpoint = None, None
     if ctx.is_main:
         output_dir = prepare_output_dir(cfg, resume=resume, force=force)
@@ -352,12 +324,12 @@ def _train(cfg: Config, ctx: DistContext, *, resume: bool, force: bool) -> Path:
     output_dir, checkpoint = broadcast_object((output_dir, checkpoint), ctx)
     run = build(cfg, output_dir, checkpoint, ctx)
     try:
-        return _loop(run, checkpoint)
+        return _loop(run, checkpoint, stop)
     finally:
         run.rollout.close()  # before the process group goes: vLLM's teardown uses it
 
 
-def _loop(run: Run, checkpoint: Path | None) -> Path:
+def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
     cfg, ctx, output_dir = run.cfg, run.ctx, run.output_dir
     if ctx.is_main:
         dump_config(cfg, output_dir / "config.yaml")
@@ -367,25 +339,39 @@ def _loop(run: Run, checkpoint: Path | None) -> Path:
         config=config_to_dict(cfg), resume_step=run.step if checkpoint else None,
         enabled=ctx.is_main,
     ) as writer:  # fmt: skip
-        if run.step == 0 and run.eval_prompts:
-            writer.write(0, run_eval(run))
         last_saved = run.step if checkpoint else -1
         # Closed on errors too, so the error message is the last thing on the terminal.
         with tqdm(total=run.sampler.total_steps, initial=run.step, desc="kdrl train",
                   unit="step", disable=not ctx.is_main) as bar:  # fmt: skip
-            while (metrics := train_step(run)) is not None:
-                last = run.step >= run.sampler.total_steps
-                if last or (eval_every and run.step % eval_every == 0):
-                    metrics |= run_eval(run)
-                writer.write(run.step, metrics)
-                bar.update(1)
-                bar.set_postfix(_postfix(metrics), refresh=False)
-                if every and run.step % every == 0:
-                    save(run)
-                    last_saved = run.step
-        final = save(run) if last_saved != run.step else checkpoint_path(output_dir, run.step)
+            try:
+                if run.step == 0 and run.eval_prompts:
+                    writer.write(0, run_eval(run))
+                while not stop.agreed(ctx):  # every rank stops after the same step
+                    with rewind(run.sampler, run.step + 1):  # an abandoned step leaves no trace
+                        metrics = train_step(run)
+                    if metrics is None:
+                        break
+                    last = run.step >= run.sampler.total_steps
+                    if last or (eval_every and run.step % eval_every == 0):
+                        metrics |= skippable(run_eval, run, what=f"evaluation at step {run.step}")
+                    writer.write(run.step, metrics)
+                    bar.update(1)
+                    bar.set_postfix(_postfix(metrics), refresh=False)
+                    if every and run.step % every == 0:
+                        save(run)
+                        last_saved = run.step
+            except StepAbandoned:
+                pass  # nothing of the abandoned step (or first evaluation) was kept
+        final = checkpoint_path(output_dir, run.step)
+        stopped = stop.requested and run.step < run.sampler.total_steps
+        if stopped and checkpoint is None and run.step == 0:
+            final = None  # nothing trained yet: nothing to save
+        elif last_saved != run.step:
+            save(run)
+    if stopped:  # raises kdrl.stop.Stopped
+        stop.finish(run.step, run.sampler.total_steps, final, output_dir, main=ctx.is_main)
     log.info("done: %d steps; final model in %s", run.step, final)
-    return checkpoint_path(output_dir, run.step)
+    return final
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
