@@ -1,6 +1,7 @@
 """Where one kdrl training step spends its time, against this machine's own matmul ceiling.
 
     .venv/bin/python bench/step.py [--pairs demo,synthetic] [--steps 3] [--threads 2]
+        [--set KEY=VALUE ...] [--json bench/results/step.json]
 
 For each model pair (``demo``: SmolLM2-135M-Instruct teacher and its 4-layer pruned student,
 as ``make demo`` prepares them; ``synthetic``: the tiny adder pair of ``kdrl demo --synthetic``)
@@ -12,8 +13,13 @@ attention, i.e. what a FLOP ceiling is about), the achieved GFLOP/s and its shar
 ceiling, response tokens per second, and the subprocess's peak RSS.
 
 The ceiling is measured in the same run, with the same thread count: the best of several
-square float32 matmuls (and bfloat16 where the CPU has native bf16: avx512_bf16 or AMX).
-Results go to ``bench/results/step.json``. Not part of the test suite.
+square float32 matmuls (and bfloat16 where the CPU has native bf16: avx512_bf16 or AMX), and the
+memory bandwidth (best large tensor copy). From them, each phase gets a *floor*: its counted
+FLOPs at the ceiling, and for the rollout at least the student's weights read once per decode
+step at that bandwidth (batched decoding is bandwidth-bound). The floor is a lower bound, not an
+estimate. ``--set`` passes config overrides to every pair (e.g. the vs_trl.py workload:
+``--set train.batch_size=8 rollout.n_samples=1 rollout.max_new_tokens=64``).
+Results go to ``bench/results/step.json`` (``--json``). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -61,23 +67,37 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def pair_config(pair: str, out: Path, threads: int):
+def copy_bandwidth(mib: int = 512, reps: int = 5) -> float:
+    """Best GB/s (bytes read + written) of a ``mib``-MiB tensor copy at the current threads."""
+    a = torch.ones(mib * 2**18)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * a.element_size() / best / 1e9
+
+
+def pair_config(pair: str, out: Path, threads: int, extra: list[str]):
     from kdrl.config import load_config
     from kdrl.demo.run import prepare
 
     config, prepared = prepare(synthetic=pair == "synthetic")
     overrides = [*prepared, f"train.output_dir={out}", "train.tensorboard=false",
-                 f"train.threads={threads}", "eval.path=''", "train.max_steps=1000"]  # fmt: skip
+                 f"train.threads={threads}", "eval.path=''", "train.max_steps=1000",
+                 *extra]  # fmt: skip
     return load_config(config, overrides)
 
 
-def run_pair(pair: str, steps: int, threads: int, out: Path) -> dict:
+def run_pair(pair: str, steps: int, threads: int, out: Path, extra: list[str]) -> dict:
     """In this (fresh) process: time ``steps`` steps of ``pair`` and count their FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     import kdrl.train as T
 
-    cfg = pair_config(pair, out, threads)
+    cfg = pair_config(pair, out, threads, extra)
     run = T.build(cfg, out, None)
     T.train_step(run)  # warm-up
     rows = [T.train_step(run) for _ in range(steps)]
@@ -102,7 +122,9 @@ def run_pair(pair: str, steps: int, threads: int, out: Path) -> dict:
     tokens = statistics.median(r["perf/response_tokens_per_s"] * r["time/step"] for r in rows)
     result = {"pair": pair, "steps": steps, "threads": threads,
               "sequences_per_step": cfg.train.batch_size * cfg.rollout.n_samples,
-              "max_new_tokens": cfg.rollout.max_new_tokens,
+              "max_new_tokens": cfg.rollout.max_new_tokens, "overrides": extra,
+              "student_weight_bytes": sum(p.numel() * p.element_size()
+                                          for p in run.model.parameters()),
               "response_tokens_per_step": tokens,
               "counted_step_response_tokens": counted_row["perf/response_tokens_per_s"]
               * counted_row["time/step"]}  # fmt: skip
@@ -117,7 +139,7 @@ def run_pair(pair: str, steps: int, threads: int, out: Path) -> dict:
 def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    print(json.dumps(run_pair(args.child, args.steps, args.threads, out)))
+    print(json.dumps(run_pair(args.child, args.steps, args.threads, out, args.set)))
 
 
 def main() -> None:
@@ -127,6 +149,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/bench-step", help="scratch run directory")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every pair"
+    )
+    parser.add_argument("--json", default=str(RESULTS / "step.json"), help="results file")
     args = parser.parse_args()
     if args.child:
         child_main(args)
@@ -139,11 +165,13 @@ def main() -> None:
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in ceiling.items())
           + f" (CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: "
           f"{native_bf16()})")  # fmt: skip
+    bandwidth = copy_bandwidth()
+    print(f"memory bandwidth (tensor copy), {args.threads} threads: {bandwidth:.1f} GB/s")
     results = []
     for pair in args.pairs.split(","):
         out = Path(args.out) / f"{pair}-{time.strftime('%H%M%S')}"
         cmd = [sys.executable, __file__, "--child", pair, "--steps", str(args.steps),
-               "--threads", str(args.threads), "--out", str(out)]  # fmt: skip
+               "--threads", str(args.threads), "--out", str(out), "--set", *args.set]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
@@ -151,24 +179,33 @@ def main() -> None:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     dtype = "float32"  # every shipped CPU config trains in float32
     print(f"\n{'pair':<10} {'phase':<8} {'s/step':>7} {'GFLOP':>8} {'GFLOP/s':>8} "
-          f"{'% ceiling':>9}")  # fmt: skip
+          f"{'% ceiling':>9} {'floor s':>8}")  # fmt: skip
     for r in results:
         for phase in PHASES:
             p = r[phase]
             rate = p["gflop"] / p["seconds"] if p["seconds"] else 0.0
             p["gflops_per_s"], p["share_of_ceiling"] = rate, rate / ceiling[dtype]
+            p["floor_seconds"] = p["gflop"] / ceiling[dtype]
+            if phase == "rollout":  # every decode step reads the student's weights once
+                read = r["max_new_tokens"] * r["student_weight_bytes"] / 1e9 / bandwidth
+                p["floor_seconds"] = max(p["floor_seconds"], read)
             print(f"{r['pair']:<10} {phase:<8} {p['seconds']:>7.3f} {p['gflop']:>8.1f} "
-                  f"{rate:>8.1f} {100 * rate / ceiling[dtype]:>8.1f}%")  # fmt: skip
-        print(f"{r['pair']:<10} {'step':<8} {r['step_seconds']:>7.3f}   "
+                  f"{rate:>8.1f} {100 * rate / ceiling[dtype]:>8.1f}% "
+                  f"{p['floor_seconds']:>8.3f}")  # fmt: skip
+        r["floor_seconds"] = sum(r[phase]["floor_seconds"] for phase in PHASES)
+        print(f"{r['pair']:<10} {'step':<8} {r['step_seconds']:>7.3f} "
+              f"{'':>28} {r['floor_seconds']:>8.3f}")  # fmt: skip
+        print(f"{'':<10} {'':<8} {'':>7}   "
               f"{r['response_tokens_per_step'] / r['step_seconds']:.0f} response tokens/s, "
               f"{r['sequences_per_step']} sequences x <= {r['max_new_tokens']} new tokens, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    payload = {"ceiling_gflops": ceiling, "threads": args.threads, "dtype": dtype,
+    payload = {"ceiling_gflops": ceiling, "bandwidth_gb_per_s": bandwidth,
+               "threads": args.threads, "dtype": dtype,
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "native_bf16": native_bf16(), "pairs": results}  # fmt: skip
-    (RESULTS / "step.json").write_text(json.dumps(payload, indent=2))
-    print(f"\nwritten: {RESULTS / 'step.json'}")
+    Path(args.json).write_text(json.dumps(payload, indent=2))
+    print(f"\nwritten: {args.json}")
 
 
 if __name__ == "__main__":
