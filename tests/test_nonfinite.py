@@ -359,7 +359,9 @@ def seven_teacher_pair(tiny_pair, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+# FSDP2 only in CI (40 s a run): the skip decision is one all-reduce in policy_update, the same
+# for DDP; `-k ddp` with "ddp" added here runs the DDP variant.
+@pytest.mark.parametrize("parallel", ["fsdp"])
 def test_two_ranks_skip_the_steps_one_process_skips(
     seven_teacher_pair, prompts_file, tmp_path, parallel
 ):
