@@ -12,7 +12,9 @@ PPO minibatch of every rank together is exactly the ``i``-th minibatch of one pr
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,10 +70,23 @@ def init_from_env(strategy: str, device: str = "cpu") -> DistContext:
     return DistContext(rank=rank, world=world, local_rank=local_rank, strategy=strategy)
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (a vLLM engine's ``close`` may already have destroyed it)."""
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(ctx: DistContext, error: BaseException | None = None) -> None:
+    """Leave the process group (a vLLM engine's ``close`` may already have destroyed it).
+
+    Whatever still holds the group must go first: a DDP wrapper freed after
+    ``destroy_process_group`` hangs for good in Gloo's destructor (its ``Reducer`` owns the
+    group). An ``error`` on its way out keeps the frames it passed through, and with them the
+    run and its wrapper, alive until the command line handles it: their locals are cleared
+    (the traceback itself stays printable) and the cycles collected before the group goes."""
+    if not (ctx.enabled and dist.is_initialized()):
+        return
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def device_for(ctx: DistContext, device: str) -> str:

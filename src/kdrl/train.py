@@ -307,13 +307,17 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> Path:
 
     Under ``torchrun`` every rank runs this; rank 0 alone touches the run directory."""
     ctx = init_from_env(cfg.train.parallel, cfg.train.device)
+    error = None
     try:
         # SIGTERM/SIGINT: stop at a safe point and save (kdrl.stop); one process may abandon a
         # step mid-way, ranks under torchrun stop together after a step.
         with handle_stop_signals(abandon=not ctx.enabled, announce=ctx.is_main) as stop:
             return _train(cfg, ctx, stop, resume=resume, force=force)
+    except BaseException as err:  # Stopped included: its frames still hold the run
+        error = err
+        raise
     finally:
-        shutdown(ctx)
+        shutdown(ctx, error)
 
 
 def _train(cfg: Config, ctx: DistContext, stop: StopRequest, *, resume: bool, force: bool) -> Path:
