@@ -386,7 +386,7 @@ def plot(results: list[dict], summary: dict, teachers: dict, s: Settings, out: P
     fig.savefig(curves_png)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=80)
+    fig, ax = plt.subplots(figsize=(7.2, 3.4), dpi=80)
     width, arms = 0.27, list(summary)
     bars = (("consistent", "forced mistake: continues as the teacher does"),
             ("correct", "forced mistake: continues correctly"),
@@ -403,10 +403,10 @@ def plot(results: list[dict], summary: dict, teachers: dict, s: Settings, out: P
     ax.set_ylabel("% (mean ± std over seeds)")
     ax.set_title(f"{s.task}: after one wrong answer token", fontsize=10)
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=7, loc="upper right", framealpha=0.9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.tight_layout()
     recovery_png = out / f"{NAME}_{s.task}_recovery.png"
-    fig.savefig(recovery_png)
+    fig.savefig(recovery_png, bbox_inches="tight")
     plt.close(fig)
     return [curves_png, recovery_png]
 
