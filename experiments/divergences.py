@@ -51,7 +51,7 @@ from divergences_strings import (
 
 COLUMNS = {  # the table's columns per part: results key -> header
     "3a": {"precision": "precision", "coverage": "modes covered", "sd": "sd of q (median)",
-           "between": "mean between modes",
+           "broad": "broad (sd > 6)", "between": "mean between modes",
            "forward_kl": "KL(p‖q)", "reverse_kl": "KL(q‖p)", "upper_mode_frac": "upper mode"},
     "3b-fact": {"precision": "precision", "recall": "recall", "marginal_entropy": "H(q_t)/log 8",
                 "reverse_kl": "KL(q‖p) seq", "forward_kl": "KL(p‖q) seq"},
@@ -135,11 +135,24 @@ def arm_config(part: str, arm: Arm, s: Settings, rows: list[dict]) -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
+    """Mean and sample std over seeds of each number; a metric that is undefined (nan) for a
+    seed (mode entropy with no sample near any string) is averaged over the other seeds, and
+    ``n`` says over how many."""
     keys = [k for k, v in rows[0].items() if isinstance(v, float)]
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
-    std = {k: math.sqrt(sum((r[k] - mean[k]) ** 2 for r in rows) / max(len(rows) - 1, 1))
-           for k in keys}  # fmt: skip
-    return {"seeds": rows, "mean": mean, "std": std}
+    mean, std, n = {}, {}, {}
+    for k in keys:
+        xs = [r[k] for r in rows if not math.isnan(r[k])]
+        n[k] = len(xs)
+        mean[k] = sum(xs) / len(xs) if xs else math.nan
+        std[k] = math.sqrt(sum((x - mean[k]) ** 2 for x in xs) / max(len(xs) - 1, 1))
+    return {"seeds": rows, "mean": mean, "std": std, "n": n}
+
+
+def cell(r: dict, key: str) -> str:
+    if r["n"][key] == 0:
+        return "n/a"
+    text = f"{r['mean'][key]:.3f} ± {r['std'][key]:.3f}"
+    return text if r["n"][key] == len(r["seeds"]) else f"{text} ({r['n'][key]} seeds)"
 
 
 def markdown(results: dict) -> str:
@@ -149,7 +162,7 @@ def markdown(results: dict) -> str:
         lines += [f"### {part}", "", "| arm | " + " | ".join(cols.values()) + " |",
                   "|---|" + "---|" * len(cols)]  # fmt: skip
         for name, r in arms.items():
-            cells = [f"{r['mean'][k]:.3f} ± {r['std'][k]:.3f}" for k in cols]
+            cells = [cell(r, k) for k in cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -111,10 +111,11 @@ class GaussianHead(nn.Module):
 
 def bimodal_metrics(cfg: Bimodal, logits: Tensor, teacher: Tensor, modes: Tensor) -> dict:
     """Precision: student mass where ``p_T >= cfg.support``. Coverage: teacher modes holding
-    >= 10% of the student's mass (each id counts for its nearer mode). ``sd`` and ``between``
-    describe the student's distribution over the ids: its standard deviation (median over
-    prompts) and the share of prompts whose mean lies between the modes, 3 teacher sd from
-    both. ``upper_mode_frac``: share of prompts where the higher mode holds more student mass."""
+    >= 10% of the student's mass (each id counts for its nearer mode). ``sd``, ``broad`` and
+    ``between`` describe the student's distribution over the ids: its standard deviation
+    (median over prompts), the share of prompts where that exceeds 3 teacher sd, and the share
+    whose mean lies between the modes, 3 teacher sd from both. ``upper_mode_frac``: share of
+    prompts where the higher mode holds more student mass (about 0.5 if the choice is random)."""
     q, logq = logits.softmax(-1), logits.log_softmax(-1)
     support = teacher.exp() >= cfg.support
     v = torch.arange(cfg.vocab).float()
@@ -129,6 +130,7 @@ def bimodal_metrics(cfg: Bimodal, logits: Tensor, teacher: Tensor, modes: Tensor
         "precision": (q * support).sum(-1).mean().item(),
         "coverage": ((mass_lo >= 0.1).float() + (mass_hi >= 0.1).float()).mean().item(),
         "sd": sd.median().item(),
+        "broad": (sd > margin).float().mean().item(),
         "between": between.float().mean().item(),
         "forward_kl": (p * (teacher - logq)).sum(-1).mean().item(),
         "reverse_kl": (q * (logq - teacher)).sum(-1).mean().item(),

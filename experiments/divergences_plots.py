@@ -68,6 +68,10 @@ def plot_strings(results: dict, path: Path) -> None:
         for name, r in ar.items():
             xs, ys = [s["recall"] for s in r["seeds"]], [s["precision"] for s in r["seeds"]]
             ax.plot(xs, ys, "o", color=COLORS.get(name, "gray"), label=name, alpha=0.8)
+            for x, y, seed in zip(xs, ys, r["seeds"], strict=True):
+                if seed.get("empty_frac", 0) > 0.2:
+                    ax.annotate(f"{seed['empty_frac']:.0%} empty", (x, y), fontsize=7,
+                                xytext=(6, 4), textcoords="offset points")  # fmt: skip
         ax.set_xlabel("recall (strings hit / 8)")
         ax.set_ylabel("precision")
         ax.set_title("autoregressive (kdrl loop): each dot a seed", fontsize=9)

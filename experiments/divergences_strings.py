@@ -174,9 +174,9 @@ class Autoregressive:
     hidden: int = 16
     layers: int = 1
     heads: int = 2
-    warm_steps: int = 600  # SFT on teacher samples before every arm (the same start for all)
+    warm_steps: int = 1000  # SFT on teacher samples before every arm (the same start for all)
     warm_lr: float = 0.01
-    steps: int = 300
+    steps: int = 200
     lr: float = 0.003  # lower than warm_lr: sampled on-policy arms diverge at 0.01
     samples: int = 8  # rollout.n_samples; train.batch_size is every prompt
 
