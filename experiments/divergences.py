@@ -55,7 +55,8 @@ COLUMNS = {  # the table's columns per part: results key -> header
            "forward_kl": "KL(p‖q)", "reverse_kl": "KL(q‖p)", "upper_mode_frac": "upper mode"},
     "3b-fact": {"precision": "precision", "recall": "recall", "marginal_entropy": "H(q_t)/log 8",
                 "reverse_kl": "KL(q‖p) seq", "forward_kl": "KL(p‖q) seq"},
-    "3b-ar": {"precision": "precision", "recall": "recall", "mode_entropy": "mode entropy",
+    "3b-ar": {"precision": "precision", "recall": "recall", "mixed": "mixed",
+              "mode_entropy": "mode entropy",
               "reverse_kl": "KL(q‖p) seq", "forward_kl": "KL(p‖q) seq",
               "empty_frac": "empty answers"},
 }  # fmt: skip

@@ -95,11 +95,15 @@ class MixtureTeacher:
 def string_metrics(x_NJ: Tensor, prompt_N: Tensor, modes_PKJ: Tensor, prompts: int) -> dict:
     """Precision: share of samples within Hamming distance 1 of one of their prompt's strings.
     Recall: strings hit per prompt / K. Mode entropy: entropy of the hit strings' frequencies
-    / log K (1: all strings equally often, 0: one string)."""
+    / log K (1: all strings equally often, 0: one string). Mixed: share of samples made only of
+    the strings' tokens (each token is some string's token at its position) that are still
+    near none of them: pieces of different strings spliced together."""
     k = modes_PKJ.shape[1]
-    dist_NK = (x_NJ[:, None] != modes_PKJ[prompt_N]).sum(-1)
+    modes_NKJ = modes_PKJ[prompt_N]
+    dist_NK = (x_NJ[:, None] != modes_NKJ).sum(-1)
     d_N, near_N = dist_NK.min(1)
     hit_N = d_N <= 1
+    from_some_N = (x_NJ[:, None] == modes_NKJ).any(1).all(-1)
     recall, entropy = [], []
     for p in range(prompts):
         counts = torch.bincount(near_N[hit_N & (prompt_N == p)], minlength=k).float()
@@ -110,6 +114,7 @@ def string_metrics(x_NJ: Tensor, prompt_N: Tensor, modes_PKJ: Tensor, prompts: i
     return {
         "precision": hit_N.float().mean().item(),
         "recall": sum(recall) / len(recall),
+        "mixed": (from_some_N & ~hit_N).float().mean().item(),
         "mode_entropy": sum(entropy) / len(entropy) if entropy else float("nan"),
     }
 
