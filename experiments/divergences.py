@@ -15,8 +15,8 @@ it. Three parts (docs/results-divergences.md has the measured tables and plots):
   factorised (each position independent of the prefix). Signals as in 3a plus ``pg`` with
   ``kd_discount`` 0 (per-token reverse KL, as TML) to 1 (sequence-level, as MiniLLM).
 * ``3b-ar`` the same teacher over a real tokenizer, the student a tiny autoregressive Hugging
-  Face Llama (kdrl.tiny, hidden 8), trained by kdrl's own loop (`kdrl.train.build` and
-  `train_step`) with the programmatic teacher put in place of the loaded one.
+  Face Llama (kdrl.tiny, hidden 16), warm-started by SFT, then trained by kdrl's own loop
+  (`kdrl.train.build` and `train_step`) with the programmatic teacher in place of the loaded one.
 
 Every distillation arm's loss is `kdrl.loss.kdrl_loss` (``rl_loss_weight=0``), which calls
 `kdrl.kd` / `kdrl.divergences`; SFT on teacher samples, which kdrl does not train, is here.

@@ -182,7 +182,7 @@ class Autoregressive:
     warm_steps: int = 1000  # SFT on teacher samples before every arm (the same start for all)
     warm_lr: float = 0.01
     steps: int = 200
-    lr: float = 0.003  # lower than warm_lr: sampled on-policy arms diverge at 0.01
+    lr: float = 0.003  # lower than warm_lr: at 0.01 `pg` locked onto wrong strings (pilot)
     samples: int = 8  # rollout.n_samples; train.batch_size is every prompt
 
 
@@ -223,8 +223,8 @@ def ar_config(
 
 
 def prepare_autoregressive(cfg: Autoregressive, strings: Strings, folder: Path, seed: int):
-    """The seed's student (random tiny Llama, then ``warm_steps`` of SFT, saved in ``warm/``)
-    and prompts; returns the teacher's strings as ids (each ending with EOS) and the teacher."""
+    """Writes the seed's prompts and student (a random tiny Llama, then ``warm_steps`` of SFT,
+    saved in ``warm/``); returns the teacher, whose strings are token ids ending with EOS."""
     from kdrl.models import support_size
     from kdrl.tiny import char_tokenizer, save_tiny, tiny_causal_lm
     from kdrl.train import build
