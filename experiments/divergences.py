@@ -4,7 +4,7 @@
 
 The effect exists only when the student *cannot* represent the teacher, so every part here
 pairs a multi-modal teacher whose distribution is known exactly with a student that cannot copy
-it. Three parts (docs/results-divergences.md has the measured tables and plots):
+it. Three parts (experiment 3 in docs/results.md has the measured tables and plots):
 
 * ``3a`` one answer token over 64 ordered ids. Teacher: per prompt, two discretised Gaussians
   (sd 2) 30-36 ids apart. Student: a unimodal Gaussian head (``logit_v = -(v - mu)^2 / 2 s^2``,

@@ -1,6 +1,6 @@
 """Experiment 3 (experiments/divergences.py) in its CI configuration (``--quick``, one seed).
 
-Asserts only the orderings that held in every seed of the full run (docs/results-divergences.md),
+Asserts only the orderings that held in every seed of the full run (docs/results.md, experiment 3),
 with margins several times smaller than the measured gaps:
 
 * 3a, one token, bimodal teacher, unimodal student: reverse KL (exact and kdrl's sampled ``pg``)

@@ -1,7 +1,7 @@
 """Experiment 2 (experiments/kdrl_vs_grpo.py) in its CI configuration: one seed, 40 steps of
 16 prompts x 8 samples per arm, run as a real subprocess.
 
-Asserts what the full runs showed on every seed (docs/results-kdrl_vs_grpo.md), with generous
+Asserts what the full runs showed on every seed (docs/results.md, experiment 2), with generous
 margins on the area under the accuracy curve (0-1): distillation alone and the KDRL joint loss
 (beta = 1) learn faster than GRPO alone under the sparse reward; the reference's `seed_k1` term
 gives nothing over GRPO (at beta = 0.1 it stays close to GRPO; at beta = 1 its noise made it

@@ -2,7 +2,7 @@
 steps per arm, run as a real subprocess.
 
 The papers' ordering (on-policy ahead of supervised training on teacher samples) did not
-reproduce in the full runs (docs/results-opd_vs_sft.md), so this asserts what the full runs
+reproduce in the full runs (docs/results.md, experiment 1), so this asserts what the full runs
 showed on every seed of both tasks, with generous margins: the full-distribution arms, on-policy
 reverse KL and supervised forward KL, learn faster than the sampled-token `pg` estimator, and
 on-policy reverse KL is not ahead of supervised forward KL.
