@@ -219,13 +219,20 @@ def test_a_signal_mid_run_saves_exits_0_and_resume_matches_the_uninterrupted_run
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc")
 def test_a_signal_during_rollout_abandons_the_step_and_resume_redoes_it(
     tiny_pair, prompts, baseline_long, tmp_path
 ):
     out = tmp_path / "run"
     with trainer(overrides(tiny_pair, prompts, out, *LONG_ROLLOUT), tmp_path / "log") as t:
-        # Step 1's line is written just before step 2's rollout, which takes seconds.
+        # Step 1's line is written just before step 2's rollout, which takes about 2 s of CPU.
+        # Signalling as soon as the line shows raced the step boundary on a busy core (the run
+        # then stopped cleanly after step 1, abandoning nothing); 0.3 s of the run's own CPU
+        # time later it is inside the rollout however the machine is loaded.
         t.wait_for(lambda: last_step(out) >= 1, "step 1")
+        start = cpu_seconds(t.proc.pid)
+        t.wait_for(lambda: cpu_seconds(t.proc.pid) > start + 0.3, "0.3 CPU seconds into step 2")
+        assert last_step(out) == 1, "step 2 ended before the signal: make its rollout longer"
         t.proc.send_signal(signal.SIGTERM)
         code = t.exit_code()
     text = t.output()
@@ -268,6 +275,12 @@ def test_a_second_signal_exits_at_once_and_the_last_checkpoint_stays_loadable(
     assert step >= 2 and saved == checkpoint_path(out, step)
     model = AutoModelForCausalLM.from_pretrained(saved)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
