@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,20 +43,11 @@ from common import (
     parse_args,
     plot_curves,
     seed_all,
-    write_json,
+    write_results,
 )
 
 from kdrl.config import config_to_dict, load_config
-from kdrl.demo.synthetic import (
-    CHARS,
-    SyntheticPaths,
-    addition_rows,
-    fit_adder,
-    greedy_accuracy,
-    synthetic_overrides,
-)
-from kdrl.prune import prune_decoder_layers
-from kdrl.tiny import char_tokenizer, save_tiny, tiny_causal_lm
+from kdrl.demo.synthetic import greedy_accuracy, prepare_synthetic, synthetic_overrides
 from kdrl.train import Run, build, train_step
 
 NAME = "kdrl_vs_grpo"
@@ -83,39 +74,6 @@ class Settings:
 
 FULL = Settings(steps=80, eval_every=10)
 QUICK = Settings(steps=40, eval_every=20)
-
-
-def prepare_imperfect(folder: Path, seed: int, s: Settings) -> SyntheticPaths:
-    """`kdrl.demo.synthetic`'s adder (2 digits), with a teacher whose training stops at
-    ``s.teacher_target`` training accuracy, and the student it prunes to; cached in ``folder``."""
-    marker = folder / "prepared.json"
-    key = {"seed": seed, "target": s.teacher_target, "keep": list(s.keep), "version": 1}
-    paths = SyntheticPaths(
-        student=folder / "student", teacher=folder / "teacher",
-        train_file=folder / "train.jsonl", eval_file=folder / "eval.jsonl", digits=2,
-        teacher_accuracy=0.0, student_accuracy=0.0,
-    )  # fmt: skip
-    if marker.is_file() and json.loads(marker.read_text())["key"] == json.loads(json.dumps(key)):
-        return replace(paths, **json.loads(marker.read_text())["accuracy"])
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = addition_rows(10000, digits=2, seed=seed)
-    eval_rows, train_rows = rows[:200], rows[200:]
-    tokenizer = char_tokenizer(CHARS)
-    with torch.random.fork_rng():
-        teacher = tiny_causal_lm(tokenizer, hidden=48, layers=3, heads=4, seed=seed)
-        steps = fit_adder(teacher, tokenizer, train_rows, max_steps=500, check_every=10,
-                          target=s.teacher_target, seed=seed)  # fmt: skip
-    student = prune_decoder_layers(teacher, list(s.keep))
-    accuracy = {
-        "teacher_accuracy": greedy_accuracy(teacher, tokenizer, eval_rows),
-        "student_accuracy": greedy_accuracy(student, tokenizer, eval_rows),
-    }
-    for path, model in ((paths.teacher, teacher), (paths.student, student)):
-        save_tiny(path, tokenizer, model)
-    for path, part in ((paths.train_file, train_rows), (paths.eval_file, eval_rows)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in part))
-    marker.write_text(json.dumps({"key": key, "accuracy": accuracy, "teacher_steps": steps}))
-    return replace(paths, **accuracy)
 
 
 def _joint(beta: float, estimator: str) -> list[str]:
@@ -272,36 +230,27 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(NAME, __doc__.splitlines()[0], argv)
     s = QUICK if args.quick else FULL
     out: Path = args.out
-    start_wall, start_cpu = time.perf_counter(), cpu_seconds()
+    start = time.perf_counter(), cpu_seconds()
     results, teachers = [], {}
     for seed in range(args.seeds):
         seed_all(seed)
-        prep = prepare_imperfect(out / "prep" / f"seed{seed}", seed, s)
+        prep = prepare_synthetic(out / "prep" / f"seed{seed}", seed=seed, keep=s.keep,
+                                 teacher_target=s.teacher_target, check_every=10)  # fmt: skip
         teachers[seed] = prep.teacher_accuracy
         log(f"seed {seed}: teacher {prep.teacher_accuracy:.1%}, student "
-            f"{prep.student_accuracy:.1%} ({time.perf_counter() - start_wall:.0f} s)")  # fmt: skip
+            f"{prep.student_accuracy:.1%} ({time.perf_counter() - start[0]:.0f} s)")  # fmt: skip
         for arm in ARMS:
             r = run_arm(arm, seed, s, prep, out)
             results.append(r)
             log(
                 f"  {arm:12s} seed {seed}: accuracy {r['curve']['y'][-1]:.1%}, "
-                f"{r['train_cpu_s']:.1f} CPU s ({time.perf_counter() - start_wall:.0f} s)"
+                f"{r['train_cpu_s']:.1f} CPU s ({time.perf_counter() - start[0]:.0f} s)"
             )
     summary = summarise(results, teachers, s)
-    table = results_table(summary, teachers)
     png = plot(results, teachers, s, out)
-    total = {"wall_s": round(time.perf_counter() - start_wall, 1),
-             "cpu_s": round(cpu_seconds() - start_cpu, 1)}  # fmt: skip
     data = {"experiment": NAME, "settings": asdict(s), "seeds": args.seeds, "teachers": teachers,
-            "summary": summary, "runs": results, "total": total}  # fmt: skip
-    write_json(out / "results.json", data)
-    (out / "results.md").write_text(table)
-    print(table)
-    log(
-        f"total {total['wall_s']:.0f} s wall, {total['cpu_s']:.0f} s CPU; wrote {out}/results.json,"
-        f" results.md, {png.name}"
-    )
-    return data
+            "summary": summary, "runs": results}  # fmt: skip
+    return write_results(out, data, results_table(summary, teachers), [png], start)
 
 
 if __name__ == "__main__":

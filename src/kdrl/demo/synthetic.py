@@ -65,6 +65,8 @@ class _Settings:
     layers: int
     keep: tuple[int, ...]
     max_steps: int
+    teacher_target: float
+    check_every: int
     version: int = FORMAT_VERSION
 
 
@@ -242,6 +244,8 @@ def prepare_synthetic(
     layers: int = 3,
     keep: tuple[int, ...] = (0, 1),
     max_steps: int = 500,
+    teacher_target: float = 0.98,
+    check_every: int = 50,
 ) -> SyntheticPaths:
     """Write ``train.jsonl`` and ``eval.jsonl`` (disjoint prompts), a ``teacher`` trained on the
     train prompts for at most ``max_steps`` steps, and a ``student`` keeping the teacher's layers
@@ -253,9 +257,15 @@ def prepare_synthetic(
     wrong yet recovers within a few dozen distillation steps. A random student would first have
     to learn addition from nothing, which is what the teacher's training costs. Keeping the
     first layers starts it closest to the teacher: in 60 steps of ``examples/synthetic.yaml``,
-    layers (0, 1) went from 8% to 81% correct, layers (0, 2) from 1% to 23%, (1, 2) to 2%."""
+    layers (0, 1) went from 8% to 81% correct, layers (0, 2) from 1% to 23%, (1, 2) to 2%.
+
+    The teacher's training stops early once it answers ``teacher_target`` of 256 training
+    prompts (checked every ``check_every`` steps): a lower target gives an imperfect teacher."""
     out_dir = Path(out_dir)
-    settings = _Settings(seed, digits, n_train, n_eval, hidden, layers, tuple(keep), max_steps)
+    settings = _Settings(
+        seed, digits, n_train, n_eval, hidden, layers, tuple(keep), max_steps, teacher_target,
+        check_every,
+    )  # fmt: skip
     cached = _cached(out_dir, settings)
     if cached is not None:
         return cached
@@ -301,8 +311,9 @@ def _train_teacher(
             tokenizer, hidden=settings.hidden, layers=settings.layers, heads=4, seed=settings.seed
         )
         steps = fit_adder(
-            teacher, tokenizer, rows, max_steps=settings.max_steps, seed=settings.seed
-        )
+            teacher, tokenizer, rows, max_steps=settings.max_steps, seed=settings.seed,
+            target=settings.teacher_target, check_every=settings.check_every,
+        )  # fmt: skip
     return teacher, steps
 
 
