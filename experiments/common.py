@@ -3,7 +3,7 @@
 Nothing here knows about a particular experiment. An experiment script builds its arms, calls
 :func:`seed_all` before each (arm, seed), times its training steps with a :class:`Clock`,
 records evaluation points as :class:`Curve` objects, and writes what it measured with
-:func:`write_json`, :func:`markdown_table` and :func:`plot_curves` into its run folder.
+:func:`markdown_table`, :func:`plot_curves` and :func:`write_results` into its run folder.
 
 CPU time is the process's user + system time (``resource.getrusage``), which on a shared
 machine measures the work done; wall time also counts the waits for a busy core.
@@ -146,6 +146,23 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def write_results(
+    out: Path, data: dict[str, Any], table: str, pngs: Sequence[Path], start: tuple[float, float]
+) -> dict[str, Any]:
+    """The end of an experiment: add the command's wall and CPU seconds since ``start``
+    (``(time.perf_counter(), cpu_seconds())`` when it began) to ``data`` as ``total``, write
+    ``results.json`` and ``results.md`` into ``out``, print the table and log what was written."""
+    total = {"wall_s": round(time.perf_counter() - start[0], 1),
+             "cpu_s": round(cpu_seconds() - start[1], 1)}  # fmt: skip
+    data = {**data, "total": total}
+    write_json(out / "results.json", data)
+    (out / "results.md").write_text(table)
+    print(table)
+    log(f"total {total['wall_s']:.0f} s wall, {total['cpu_s']:.0f} s CPU; wrote {out}/results.json,"
+        f" results.md, {', '.join(p.name for p in pngs)}")  # fmt: skip
+    return data
 
 
 def plot_curves(

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_seconds, markdown_table
 from divergences_bimodal import ARMS_3A, Arm, Bimodal, run_bimodal
 from divergences_plots import plot_all
 from divergences_strings import (
@@ -83,11 +83,6 @@ def quick_settings(seeds: int) -> Settings:
     full = Settings()
     arms = {p: [a for a in full.arms[p] if a.name in names] for p, names in keep.items()}
     return Settings(seeds=seeds, parts=("3a", "3b-fact"), arms=arms)
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def run_part(part: str, s: Settings, out: Path) -> dict:
@@ -160,12 +155,8 @@ def markdown(results: dict) -> str:
     lines = []
     for part, arms in results["parts"].items():
         cols = COLUMNS[part]
-        lines += [f"### {part}", "", "| arm | " + " | ".join(cols.values()) + " |",
-                  "|---|" + "---|" * len(cols)]  # fmt: skip
-        for name, r in arms.items():
-            cells = [cell(r, k) for k in cols]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
+        rows = [[name, *(cell(r, k) for k in cols)] for name, r in arms.items()]
+        lines += [f"### {part}", "", markdown_table(["arm", *cols.values()], rows)]
     return "\n".join(lines)
 
 

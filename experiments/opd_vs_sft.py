@@ -53,7 +53,7 @@ from common import (
     parse_args,
     plot_curves,
     seed_all,
-    write_json,
+    write_results,
 )
 from sorting import SortSettings, answer_accuracy, continuations, forced_mistakes, prepare_sorting
 
@@ -424,34 +424,26 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--quick has no {task} configuration; it runs {', '.join(table)}")
     s = table[task]
     out: Path = args.out
-    start_wall, start_cpu = time.perf_counter(), cpu_seconds()
+    start = time.perf_counter(), cpu_seconds()
     results, teachers = [], {}
     for seed in range(args.seeds):
         seed_all(seed)
         prep = warm_start(s, prepare(s, out, seed), out, seed)
         log(f"seed {seed}: teacher {prep.teacher_accuracy:.1%}, student {prep.student_accuracy:.1%}"
-            f" at start ({time.perf_counter() - start_wall:.0f} s)")  # fmt: skip
+            f" at start ({time.perf_counter() - start[0]:.0f} s)")  # fmt: skip
         teachers[seed] = {"accuracy": prep.teacher_accuracy}
         for arm in ARMS:
             r = run_arm(arm, seed, s, prep, out)
             teachers[seed]["recovery_correct"] = r["recovery"]["teacher_correct"]
             results.append(r)
-            elapsed = time.perf_counter() - start_wall
+            elapsed = time.perf_counter() - start[0]
             log(f"  {arm:8s} seed {seed}: accuracy {r['curve']['y'][-1]:.1%}, "
                 f"{r['train_cpu_s']:.1f} CPU s ({elapsed:.0f} s)")  # fmt: skip
     summary = summarise(results, teachers, s)
-    table = results_table(summary, teachers, s)
     pngs = plot(results, summary, teachers, s, out)
-    total = {"wall_s": round(time.perf_counter() - start_wall, 1),
-             "cpu_s": round(cpu_seconds() - start_cpu, 1)}  # fmt: skip
     data = {"experiment": NAME, "settings": asdict(s), "seeds": args.seeds, "teachers": teachers,
-            "summary": summary, "runs": results, "total": total}  # fmt: skip
-    write_json(out / "results.json", data)
-    (out / "results.md").write_text(table)
-    print(table)
-    log(f"total {total['wall_s']:.0f} s wall, {total['cpu_s']:.0f} s CPU; wrote {out}/results.json,"
-        f" results.md, {', '.join(p.name for p in pngs)}")  # fmt: skip
-    return data
+            "summary": summary, "runs": results}  # fmt: skip
+    return write_results(out, data, results_table(summary, teachers, s), pngs, start)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,11 @@ with margins several times smaller than the measured gaps:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiment_quick import run_quick
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("exp-divergences")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "experiments" / "divergences.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], env=env,
-                   check=True, capture_output=True, text=True, timeout=240)  # fmt: skip
-    return json.loads((out / "results.json").read_text()), out
+    return run_quick("divergences", out), out
 
 
 def mean(results: dict, part: str, arm: str, key: str) -> float:

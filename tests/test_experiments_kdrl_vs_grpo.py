@@ -10,16 +10,12 @@ worse in the full runs), while the `k2` term at the same weight does.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "kdrl_vs_grpo.py"
+from experiment_quick import run_quick
+
 # Full runs, per seed: kd and kdrl_b1 were 0.035-0.20 above grpo, seed_k1_b0.1 within 0.04 of
 # it, seed_k1_b1 0.09-0.17 below it and 0.19-0.29 below kdrl_b1. This quick run measured
 # +0.15, +0.15, 0.004, +0.02 and 0.14.
@@ -30,12 +26,7 @@ CLOSE = 0.08
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("kdrl_vs_grpo")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--seeds", "1", "--out", str(out)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads((out / "results.json").read_text()), out
+    return run_quick("kdrl_vs_grpo", out), out
 
 
 @pytest.mark.slow

@@ -10,16 +10,12 @@ on-policy reverse KL is not ahead of supervised forward KL.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "opd_vs_sft.py"
+from experiment_quick import run_quick
+
 # Area under the accuracy curve (0-1). Full runs, per seed: the full-distribution arms were
 # 0.08-0.23 above `pg` on both tasks, and supervised forward KL 0.02-0.12 above on-policy
 # reverse KL; this quick run measured 0.19, 0.22 and 0.02.
@@ -30,12 +26,7 @@ MARGIN_TIE = 0.03
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("opd_vs_sft")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--seeds", "1", "--out", str(out)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads((out / "results.json").read_text()), out
+    return run_quick("opd_vs_sft", out), out
 
 
 @pytest.mark.slow
