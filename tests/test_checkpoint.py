@@ -3,6 +3,7 @@ saves, and SIGKILL in the middle of real saves (zygote subprocess forking savers
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -239,16 +240,66 @@ def test_unwritable_checkpoints_dir_raises_checkpoint_error(tmp_path, model, tok
         save(tmp_path, 1, model, tok)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def _save_under_read_only_mount(out: Path, step: int, model, tok, result: Path) -> None:
+    """Runs in a forked child (single-threaded, so it may leave the mount namespace): bind-mount
+    ``out/checkpoints`` read-only in a private mount namespace, where root cannot write either,
+    try to save, and report the outcome in ``result``. Never returns."""
+    clone_newns, ms_rdonly, ms_remount, ms_bind, ms_rec, ms_private = (
+        0x20000, 1, 32, 4096, 16384, 1 << 18,
+    )  # fmt: skip
+    code = 3
+    try:
+        torch.set_num_threads(1)  # no OpenMP pool is usable after fork
+        libc = ctypes.CDLL(None, use_errno=True)
+        folder = str(out / "checkpoints").encode()
+        for call in (
+            lambda: libc.unshare(clone_newns),
+            # Private, so the read-only mount never shows in the test's own namespace.
+            lambda: libc.mount(b"none", b"/", None, ms_rec | ms_private, None),
+            lambda: libc.mount(folder, folder, None, ms_bind, None),
+            lambda: libc.mount(b"none", folder, None, ms_bind | ms_remount | ms_rdonly, None),
+        ):
+            if call() != 0:
+                result.write_text(f"no read-only mount here: {os.strerror(ctypes.get_errno())}")
+                os._exit(4)
+        try:
+            save(out, step, model, tok)
+            result.write_text("saved into a read-only folder")
+        except CheckpointError as err:
+            result.write_text(f"CheckpointError: {err}")
+            code = 0
+    except BaseException:
+        result.write_text(traceback.format_exc())
+    finally:
+        os._exit(code)
+
+
 def test_read_only_checkpoints_dir_raises_checkpoint_error(tmp_path, model, tok):
     good = save(tmp_path, 1, model, tok)
-    (tmp_path / "checkpoints").chmod(0o500)
-    try:
-        with pytest.raises(CheckpointError, match=str(tmp_path / "checkpoints")):
-            save(tmp_path, 2, model, tok)
-    finally:
-        (tmp_path / "checkpoints").chmod(0o700)
+    folder = tmp_path / "checkpoints"
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        try:
+            with pytest.raises(CheckpointError, match=str(folder)):
+                save(tmp_path, 2, model, tok)
+        finally:
+            folder.chmod(0o700)
+    else:
+        # Root ignores permission bits (CI runs as root), not a read-only mount.
+        if not hasattr(os, "fork"):
+            pytest.skip("as root this test needs os.fork and Linux mount namespaces")
+        result = tmp_path / "child-result.txt"
+        pid = os.fork()
+        if pid == 0:
+            _save_under_read_only_mount(tmp_path, 2, model, tok, result)
+        status = os.waitpid(pid, 0)[1]
+        text = result.read_text() if result.exists() else "(no result)"
+        if os.WEXITSTATUS(status) == 4:
+            pytest.skip(f"running as root and {text}: cannot make a folder root cannot write")
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, text
+        assert text.startswith("CheckpointError") and str(folder) in text, text
     assert find_latest_checkpoint(tmp_path) == good
+    assert names(tmp_path) == ["step-00000001"]
 
 
 def test_disk_full_mid_save_keeps_previous_checkpoint(tmp_path, model, tok, monkeypatch):
