@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from kdrl.models import fast_bf16, load_teacher, resolve_dtype
@@ -31,3 +35,17 @@ def test_bf16_teacher_scores_close_to_float32(tiny_pair):
     diff = (scores["bfloat16"] - scores["float32"]).abs()
     assert scores["float32"].abs().mean() > 1.0  # real log-probs, not zeros
     assert 0 < diff.mean() < 0.05 and diff.max() < 0.3, (diff.mean(), diff.max())
+
+
+def test_torch_restricted_to_avx2_kernels_is_not_native_bf16():
+    """With ``ATEN_CPU_CAPABILITY=avx2`` torch's bf16 kernels may fail even on an AVX-512 CPU
+    with avx512_bf16 ("pack_vnni2 is only supported when avx512 is supported"): `auto` must
+    then pick float32."""
+    probe = (
+        "import torch; from kdrl.models import fast_bf16; "
+        "print(torch.backends.cpu.get_cpu_capability(), fast_bf16(torch.device('cpu')))"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["AVX2", "False"], out.stdout

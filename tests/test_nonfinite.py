@@ -367,7 +367,7 @@ def test_two_ranks_skip_the_steps_one_process_skips(
 ):
     """Every rank must take the same decision (the loss may be nan on one rank only) and run
     the same collectives; the run then matches one process on the same global batch."""
-    from test_distributed import CURVE, launch, overrides
+    from test_distributed import CURVE, assert_curves_close, assert_weights_close, launch, overrides
 
     data = (prompts_file, prompts_file)
     skip = ("train.skip_nonfinite=true", "train.max_skipped_steps=100", 'eval.path=""')
@@ -379,12 +379,13 @@ def test_two_ranks_skip_the_steps_one_process_skips(
     skipped = [r["optim/skipped_steps"] for r in one]
     assert 0 < skipped[-1] < 2 * len(one), skipped  # some minibatches skipped, some stepped
     assert [r["optim/skipped_steps"] for r in two] == skipped
-    for a, b in zip(one, two, strict=True):
-        assert a.keys() == b.keys(), a["step"]
-        for key in CURVE:
-            if a.get(key) is not None:
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
-    want = weights(tmp_path / "one" / "checkpoints" / "step-00000004")
-    got = weights(tmp_path / "two" / "checkpoints" / "step-00000004")
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+    assert all(a.keys() == b.keys() for a, b in zip(one, two, strict=True))
+    # The drift of these runs through rounding alone (scripts/measure_dp_rounding.py, as in
+    # tests/test_distributed.py): at most 4.4e-4 of a metric's scale (rollout/reverse_kl, step 4,
+    # ATEN_CPU_CAPABILITY=avx2) and 1.8e-5 on the weights; 10x those bounds.
+    assert_curves_close(one, two, CURVE, 10 * 4.4e-4)
+    assert_weights_close(
+        weights(tmp_path / "one" / "checkpoints" / "step-00000004"),
+        weights(tmp_path / "two" / "checkpoints" / "step-00000004"),
+        10 * 1.8e-5,
+    )

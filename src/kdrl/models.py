@@ -26,10 +26,14 @@ def _cpu_flags() -> set[str]:
 
 def fast_bf16(device: torch.device) -> bool:
     """bfloat16 matmuls run natively: a CUDA GPU that supports them, or a CPU with
-    avx512_bf16 or AMX. Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated, ~9x slower than
-    float32 on this project's machine."""
+    avx512_bf16 or AMX whose AVX-512 kernels torch uses. Elsewhere (e.g. AVX2-only CPUs) bf16 is
+    emulated, ~9x slower than float32 on this project's machine. ``ATEN_CPU_CAPABILITY=avx2``
+    on an AVX-512 CPU restricts torch to its AVX2 kernels, and some of its bf16 kernels then
+    fail ("pack_vnni2 is only supported when avx512 is supported"): not native either."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
