@@ -274,6 +274,9 @@ class EvalConfig:
     """Evaluate on the first this many prompts; 0 means all."""
     temperature: float = 0.0
     """Sampling temperature for evaluation answers; 0 is greedy."""
+    greedy: bool = True
+    """Also score greedy answers (`eval/accuracy_greedy`, `eval/agreement_greedy`): a second
+    pass of answers when `temperature` > 0 (at 0 the answers are greedy already and are reused)."""
 
 
 @dataclass
