@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kdrl.checkpoint import (
     capture_rng_state,
@@ -29,6 +30,7 @@ from kdrl.checkpoint import (
 )
 from kdrl.config import Config, config_to_dict, dump_config
 from kdrl.data import Prompt, load_prompts
+from kdrl.degeneracy import response_ids, signal_sums
 from kdrl.distributed import (
     SINGLE,
     DistContext,
@@ -50,6 +52,7 @@ from kdrl.divergences import DIVERGENCES
 from kdrl.engines import make_rollout, make_teacher
 from kdrl.evaluate import Answers, run_eval
 from kdrl.grpo import group_advantages
+from kdrl.guard import Guard
 from kdrl.metrics import MetricsWriter
 from kdrl.models import load_student, load_tokenizer, support_size
 from kdrl.nonfinite import NonFinite, skip_or_stop
@@ -206,6 +209,9 @@ def rollout_metrics(run: Run, batch: RolloutBatch, rewards_B, teacher: TeacherOu
         "sequences": float(batch.num_sequences),
         "tokens": float(mask.sum()),
     }
+    # Degeneracy signals (kdrl.degeneracy): per-answer sums, averaged over the global batch.
+    signals = signal_sums(response_ids(batch.input_ids_BT, mask), run.tokenizer.eos_token_id)
+    sums |= {f"rollout/{name}": value for name, value in signals.items()}
     if run.reward_fn is not None:
         sums["reward/mean"] = rewards_B.sum().item()
         correct = rewards_B >= run.cfg.reward.correct_threshold
@@ -344,12 +350,14 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
         enabled=ctx.is_main,
     ) as writer:  # fmt: skip
         last_saved = run.step if checkpoint else -1
-        # Closed on errors too, so the error message is the last thing on the terminal.
-        with tqdm(total=run.sampler.total_steps, initial=run.step, desc="kdrl train",
-                  unit="step", disable=not ctx.is_main) as bar:  # fmt: skip
+        guard = Guard(cfg)
+        # Closed on errors too, so the error message is the last thing on the terminal; log
+        # lines (the guard's warnings) print above the bar instead of through it.
+        with logging_redirect_tqdm(), tqdm(total=run.sampler.total_steps, initial=run.step,
+                  desc="kdrl train", unit="step", disable=not ctx.is_main) as bar:  # fmt: skip
             try:
                 if run.step == 0 and run.eval_prompts:
-                    writer.write(0, run_eval(run))
+                    _record(writer, guard, 0, run_eval(run), ctx)
                 while not stop.agreed(ctx):  # every rank stops after the same step
                     with rewind(run.sampler, run.step + 1):  # an abandoned step leaves no trace
                         metrics = train_step(run)
@@ -358,7 +366,7 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
                     last = run.step >= run.sampler.total_steps
                     if last or (eval_every and run.step % eval_every == 0):
                         metrics |= skippable(run_eval, run, what=f"evaluation at step {run.step}")
-                    writer.write(run.step, metrics)
+                    _record(writer, guard, run.step, metrics, ctx)
                     bar.update(1)
                     bar.set_postfix(_postfix(metrics), refresh=False)
                     if every and run.step % every == 0:
@@ -376,6 +384,14 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
         stop.finish(run.step, run.sampler.total_steps, final, output_dir, main=ctx.is_main)
     log.info("done: %d steps; final model in %s", run.step, final)
     return final
+
+
+def _record(writer: MetricsWriter, guard: Guard, step: int, metrics: dict, ctx: DistContext):
+    """Write a step's metrics and log the degeneracy guard's new warnings (kdrl.guard)."""
+    writer.write(step, metrics)
+    if ctx.is_main:  # the metrics are already reduced: every rank would say the same
+        for warning in guard.observe(step, metrics):
+            log.warning("%s", warning)
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:

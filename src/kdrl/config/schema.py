@@ -258,6 +258,17 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """With `skip_nonfinite`: stop the run with an error once more than this many optimizer
     steps (one per minibatch) have been skipped in total, resumed runs included."""
+    guard_patience_steps: int = 5
+    """Degeneracy guard: warn when the sampled answers of the last this many steps, pooled, end
+    with EOS less often than `guard_min_eos_frac` or repeat more than `guard_max_repeat_frac`
+    of their 3-grams (`rollout/eos_frac`, `rollout/repeat_frac`). Once when a limit is crossed,
+    again only after it recovered; it never stops the run. 0 turns the guard off."""
+    guard_min_eos_frac: float | None = 0.1
+    """Degeneracy guard: warn when fewer than this share of the sampled answers end with EOS
+    within `rollout.max_new_tokens`; null turns this check off."""
+    guard_max_repeat_frac: float | None = 0.5
+    """Degeneracy guard: warn when the sampled answers repeat, on average, more than this share
+    of their 3-grams (a loop); null turns this check off."""
 
 
 @dataclass
