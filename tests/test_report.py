@@ -256,7 +256,7 @@ def test_cli(tmp_path, capsys):
 def test_nonfinite_points_leave_a_gap_and_lone_points_a_marker():
     from matplotlib.figure import Figure
 
-    from kdrl.report import _lines
+    from kdrl.plots import _lines
 
     records = [
         {"step": 1, "loss/kd": 1.0, "loss/total": 1.0},
