@@ -1,5 +1,6 @@
 """A student that only ever babbles digits, trained and evaluated for real: the training guard
-warns about it, and a healthy student beside it draws no warning."""
+warns about it, the end of training and the report say it did not learn and degenerated, and a
+healthy student beside it draws no warning."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from kdrl.config import load_config
 from kdrl.metrics import read_metrics
+from kdrl.report import summary_table, write_report
 from kdrl.tiny import char_tokenizer, fit_tiny, save_tiny, tiny_causal_lm
 from kdrl.train import train
 
@@ -92,6 +94,13 @@ def test_the_guard_warns_about_a_degenerate_student(setup, tmp_path, caplog):
     assert eos.startswith("step 2: sampled answers are not ending: 0 of 8 over the last 2 steps")
     assert "(the teacher's held-out answers: 100%)" in eos
     assert loop.startswith("step 2: sampled answers are looping")
+    # The end of training and the report give the same verdict, in the same words.
+    (said,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verdict: ")]
+    assert said.startswith("verdict: The student did not learn: ")
+    assert "its answers are degenerate (0% end within the 8-token limit against 100% of " in said
+    text = write_report(tmp_path / "run").read_text(encoding="utf-8")
+    assert f"## Verdict\n\n{said.removeprefix('verdict: ')}\n" in text
+    assert "Verdict: The student did not learn" in summary_table(tmp_path / "run")
 
 
 def test_a_healthy_student_draws_no_warning(setup, tmp_path, caplog):
@@ -101,3 +110,5 @@ def test_a_healthy_student_draws_no_warning(setup, tmp_path, caplog):
     # The guard was given every chance: answers measured each step, a full window from step 2.
     assert len(trained) == STEPS and all(r["rollout/eos_frac"] >= 0.75 for r in trained)
     assert guard_warnings(caplog) == []
+    text = write_report(tmp_path / "run").read_text(encoding="utf-8")
+    assert "## Verdict" in text and "answers are degenerate" not in text

@@ -103,29 +103,57 @@ def _lines(ax: Any, records: list[dict], keys: dict[str, str], **style: Any) -> 
 
 def _plot_reverse_kl(fig: Any, records: list[dict]) -> bool:
     ax = fig.add_subplot()
-    held_out = {"eval/reverse_kl": "held-out, exact per token"}
-    rollout = {"rollout/reverse_kl": "training samples, one-token estimate"}
-    ax.set(title="Reverse KL to the teacher", xlabel="training step")
-    ax.set_ylabel("reverse KL to teacher (nats / token)")
+    held_out = {"eval/reverse_kl": "reverse KL, held-out (exact)"}
+    rollout = {"rollout/reverse_kl": "reverse KL, training (one-token estimate)"}
+    nll = {"eval/teacher_nll": "NLL of teacher's answers"}
+    ax.set(title="Reverse KL to the teacher, and NLL of its answers", xlabel="training step")
+    ax.set_ylabel("nats / token")
     drawn = _lines(ax, records, rollout, linewidth=1.0, alpha=0.7, color="tab:gray")
-    return _lines(ax, records, held_out, marker="o", linewidth=2.0, color="tab:blue") or drawn
+    drawn |= _lines(ax, records, held_out, marker="o", linewidth=2.0, color="tab:blue")
+    return _lines(ax, records, nll, marker="s", linewidth=2.0, color="tab:red") or drawn
 
 
 def _plot_accuracy(fig: Any, records: list[dict]) -> bool:
     ax = fig.add_subplot()
     training = {"reward/accuracy": "training samples' accuracy"}
     drawn = _lines(ax, records, training, linewidth=1.0, alpha=0.6)
+    # Held-out; "eval temp." is eval.temperature, agreement is with the teacher's answers.
     keys = {
-        "eval/accuracy": "held-out accuracy",
-        "eval/agreement": "agreement with teacher's answers",
-        "eval/top1_agreement": "top-1 agreement with teacher",
+        "eval/accuracy_greedy": "greedy accuracy",
+        "eval/accuracy": "accuracy (eval temp.)",
+        "eval/agreement_greedy": "greedy agreement",
+        "eval/agreement": "agreement (eval temp.)",
+        "eval/top1_agreement": "top-1 agreement",
     }
     drawn |= _lines(ax, records, keys, marker="o", linewidth=1.8)
     teacher = first_finite(records, "eval/teacher_accuracy")
     if drawn and teacher is not None:
         ax.axhline(teacher, linestyle="--", color="black", linewidth=1.2, label="teacher accuracy")
-    ax.set(title="Accuracy and agreement", xlabel="training step", ylabel="fraction")
+    ax.set(title="Accuracy and agreement with the teacher", xlabel="training step",
+           ylabel="fraction")  # fmt: skip
     ax.set_ylim(-0.02, 1.02)  # the margin keeps points at exactly 0 or 1 visible
+    return drawn
+
+
+def _plot_answers(fig: Any, records: list[dict]) -> bool:
+    """The degeneracy signals: training samples as thin lines, held-out answers as markers, the
+    teacher's held-out answers as dashed levels, one colour per signal."""
+    ax = fig.add_subplot()
+    drawn = False
+    signals = {"eos_frac": "end with EOS", "repeat_frac": "repeated 3-grams",
+               "distinct_frac": "distinct tokens"}  # fmt: skip
+    for (name, label), color in zip(signals.items(), ("tab:green", "tab:red", "tab:blue"),
+                                    strict=True):  # fmt: skip
+        drawn |= _lines(ax, records, {f"rollout/{name}": f"{label}, training"},
+                        linewidth=1.0, alpha=0.6, color=color)  # fmt: skip
+        drawn |= _lines(ax, records, {f"eval/{name}": f"{label}, held-out"},
+                        marker="o", linewidth=1.8, color=color)  # fmt: skip
+        teacher = first_finite(records, f"eval/teacher_{name}")
+        if teacher is not None:
+            ax.axhline(teacher, linestyle="--", color=color, linewidth=1.0,
+                       label=f"{label}, teacher")  # fmt: skip
+    ax.set(title="Health of the answers", xlabel="training step", ylabel="share")
+    ax.set_ylim(-0.02, 1.02)
     return drawn
 
 
@@ -160,8 +188,9 @@ def _plot_loss(fig: Any, records: list[dict]) -> bool:
 
 # file name -> (alt text, plot function); the report embeds them in this order.
 PLOTS: dict[str, tuple[str, Callable[[Any, list[dict]], bool]]] = {
-    "reverse_kl": ("Reverse KL to the teacher", _plot_reverse_kl),
     "accuracy": ("Accuracy and agreement", _plot_accuracy),
+    "answers": ("Health of the answers", _plot_answers),
+    "reverse_kl": ("Reverse KL to the teacher, and NLL of its answers", _plot_reverse_kl),
     "throughput": ("Throughput and time per phase", _plot_throughput),
     "loss": ("Training loss", _plot_loss),
 }

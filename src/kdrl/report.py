@@ -5,19 +5,26 @@ Reads ``metrics.jsonl`` (required; keys in docs/training.md) and, where present,
 ``samples/step-NNNNNNNN.jsonl`` (the student's answers at each eval step). Writes
 ``RUN_DIR/report.md`` and its PNGs in ``RUN_DIR/report/``; an absent input or series leaves its
 section or plot out.
+
+The report opens with the verdict in plain words (`kdrl.verdict`) and leads with the task metrics
+and the teacher-forced NLL of the teacher's answers, which a degenerate student cannot fake; the
+reverse KL on the student's own answers, which it can, comes after the answers' health.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdrl.config import Config, ConfigError, load_config
+from kdrl.degeneracy import REPEAT_N
 from kdrl.metrics import METRICS_FILE, read_metrics
 from kdrl.plots import draw_plots, finite, first_finite
+from kdrl.verdict import Verdict, run_verdict
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "report"
@@ -28,16 +35,31 @@ MAX_ANSWER_CHARS = 300
 _STEP_FILE = re.compile(r"step-(\d+)\.jsonl")
 _MISSING = "—"
 
-# The before/after table: (metric key, Markdown header, terminal header, number format).
-_COLUMNS = (
-    ("eval/reverse_kl", "reverse KL to teacher", "reverse KL", "{:.3g}"),
-    ("eval/accuracy", "accuracy", "accuracy", "{:.1%}"),
-    ("eval/agreement", "agreement with teacher's answers", "agreement", "{:.1%}"),
-    ("eval/top1_agreement", "top-1 agreement", "top-1 agr.", "{:.1%}"),
-    ("eval/len_mean", "mean answer length (tokens)", "answer len", "{:.1f}"),
+# The before/after tables: (metric key, Markdown header, terminal header, number format).
+# The headline is the task and what a degenerate student cannot fake; the reverse KL, which it
+# can, comes after, with the health of the answers.
+Column = tuple[str, str, str, str]
+_TASK: tuple[Column, ...] = (
+    ("eval/accuracy_greedy", "greedy accuracy", "acc greedy", "{:.1%}"),
+    ("eval/accuracy", "sampled accuracy", "acc sampled", "{:.1%}"),
+    ("eval/agreement_greedy", "greedy agreement with teacher", "agr greedy", "{:.1%}"),
+    ("eval/top1_agreement", "top-1 agreement", "top-1 agr", "{:.1%}"),
+    ("eval/teacher_nll", "NLL of teacher's answers (nats/token)", "teacher NLL", "{:.3g}"),
 )
+_ANSWERS: tuple[Column, ...] = (
+    ("eval/len_mean", "mean length (tokens)", "answer len", "{:.1f}"),
+    ("eval/eos_frac", "end with EOS", "end EOS", "{:.0%}"),
+    ("eval/repeat_frac", f"repeated {REPEAT_N}-grams", f"repeat {REPEAT_N}g", "{:.0%}"),
+    ("eval/distinct_frac", "distinct tokens", "distinct", "{:.0%}"),
+)
+_KL: tuple[Column, ...] = (
+    ("eval/reverse_kl", "reverse KL (nats/token)", "rev KL", "{:.3g}"),
+    ("eval/reverse_kl_seq", "reverse KL (nats/answer)", "rev KL/ans", "{:.3g}"),
+)
+_TERMINAL = (*_TASK, _KL[0])  # the terminal's first table; the second is _ANSWERS
 # The teacher measured against itself, by definition.
-_TEACHER_SELF = {"eval/reverse_kl": 0.0, "eval/agreement": 1.0, "eval/top1_agreement": 1.0}
+_TEACHER_SELF = {"eval/agreement_greedy": 1.0, "eval/top1_agreement": 1.0,
+                 "eval/reverse_kl": 0.0, "eval/reverse_kl_seq": 0.0}  # fmt: skip
 
 
 @dataclass
@@ -56,12 +78,22 @@ def write_report(run_dir: Path) -> Path:
     run = _load_run(run_dir)
     images = draw_plots(run.records, run_dir, PLOTS_DIR)
     sections = [f"# Run report: {run_dir.resolve().name}"]
+    verdict = _verdict(run)
+    if verdict is not None:
+        sections.append(f"## Verdict\n\n{verdict.text}")
     if run.config is not None:
         sections.append(_run_section(run.config))
-    header, rows = _table(run, terminal=False)
-    table = "## Before and after training\n\n" + _markdown_table(header, rows)
+    sections.append("## Before and after training\n\n" + _markdown(run, _task_columns(run)))
+    limit = f" within the {run.config.rollout.max_new_tokens}-token limit" if run.config else ""
+    sections.append(
+        f"### The answers\n\n{_markdown(run, _ANSWERS)}\n\nShares of answers that end with EOS"
+        f"{limit}, of their token {REPEAT_N}-grams that repeat one earlier in the same answer, and "
+        "of distinct tokens, averaged over answers: a degenerate student stops ending, loops, or "
+        "draws on a handful of tokens."
+    )
     note = _kl_note(run.records)
-    sections.append(table + (f"\n\n{note}" if note else ""))
+    sections.append("### Reverse KL to the teacher\n\n" + _markdown(run, _KL)
+                    + (f"\n\n{note}" if note else ""))  # fmt: skip
     if images:
         sections.append("## Curves\n\n" + "\n\n".join(images))
     samples = _samples_section(run)
@@ -73,8 +105,18 @@ def write_report(run_dir: Path) -> Path:
 
 
 def summary_table(run_dir: Path) -> str:
-    """The before/after table as fixed-width plain text, for a terminal."""
-    header, rows = _table(_load_run(Path(run_dir)), terminal=True)
+    """The before/after tables as fixed-width plain text and the verdict, for a terminal."""
+    run = _load_run(Path(run_dir))
+    task = [c for c in _TERMINAL if c in _task_columns(run) or c[0] == "eval/reverse_kl"]
+    blocks = [_fixed_width(*_table(run, task, terminal=True)),
+              _fixed_width(*_table(run, _ANSWERS, terminal=True))]  # fmt: skip
+    verdict = _verdict(run)
+    if verdict is not None:
+        blocks.append(textwrap.fill(f"Verdict: {verdict.text}", width=100))
+    return "\n\n".join(blocks)
+
+
+def _fixed_width(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [header, ["-" * w for w in widths], *rows]
     # Labels left-aligned, numbers right-aligned.
@@ -135,23 +177,61 @@ def _read_jsonl(path: Path) -> list[dict]:
 # --- Tables and text ----------------------------------------------------------------------------
 
 
-def _table(run: _Run, *, terminal: bool) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (student before, after, teacher); `terminal` picks the short headers."""
-    keys = [key for key, *_ in _COLUMNS]
-    evals = [r for r in run.records if any(finite(r, k) is not None for k in keys)]
+def _task_columns(run: _Run) -> tuple[Column, ...]:
+    """`_TASK`, less the sampled accuracy when the run evaluated greedily (it is the greedy one)."""
+    if run.config is not None and run.config.eval.temperature == 0:
+        return tuple(c for c in _TASK if c[0] != "eval/accuracy")
+    return _TASK
+
+
+def _greedy_fallback(run: _Run, record: dict) -> dict:
+    """A run that evaluated greedily before the ``_greedy`` keys existed logged its greedy
+    accuracy and agreement as ``eval/accuracy`` and ``eval/agreement``."""
+    if run.config is None or run.config.eval.temperature != 0:
+        return record
+    old = {"eval/accuracy_greedy": "eval/accuracy", "eval/agreement_greedy": "eval/agreement"}
+    return {**{new: record[key] for new, key in old.items() if key in record}, **record}
+
+
+def _table(run: _Run, columns: tuple[Column, ...] | list[Column], *, terminal: bool):
+    """Header and rows (student before, after, teacher) of ``columns``; `terminal` picks the
+    short headers."""
+    keys = [key for cols in (_TASK, _ANSWERS, _KL) for key, *_ in cols]
+    evals = [_greedy_fallback(run, r) for r in run.records
+             if any(finite(r, k) is not None for k in keys)]  # fmt: skip
     rows: list[tuple[str, dict[str, Any]]] = []
     if evals:
         rows.append((f"student before (step {evals[0]['step']})", evals[0]))
     if len(evals) > 1:
         rows.append((f"student after (step {evals[-1]['step']})", evals[-1]))
-    accuracy, length = _teacher_accuracy(run), first_finite(run.records, "eval/teacher_len_mean")
-    rows.append(("teacher", _TEACHER_SELF | {"eval/accuracy": accuracy, "eval/len_mean": length}))
+    rows.append(("teacher", _teacher_row(run)))
     body = []
     for label, values in rows:
-        cells = [(finite(values, key), fmt) for key, _, _, fmt in _COLUMNS]
+        cells = [(finite(values, key), fmt) for key, _, _, fmt in columns]
         body.append([label, *(_MISSING if v is None else fmt.format(v) for v, fmt in cells)])
-    headers = [short if terminal else long for _, long, short, _ in _COLUMNS]
+    headers = [short if terminal else long for _, long, short, _ in columns]
     return ["", *headers], body
+
+
+def _teacher_row(run: _Run) -> dict[str, float | None]:
+    """The teacher's greedy answers in the columns' keys: its accuracy is greedy accuracy, its
+    ``eval/teacher_*`` signals are the answers' columns."""
+    row: dict[str, float | None] = {**_TEACHER_SELF, "eval/accuracy_greedy": _teacher_accuracy(run)}
+    for key, *_ in _ANSWERS:
+        row[key] = first_finite(run.records, key.replace("eval/", "eval/teacher_"))
+    return row
+
+
+def _verdict(run: _Run) -> Verdict | None:
+    if run.config is None:
+        return run_verdict(run.records)
+    records = [_greedy_fallback(run, r) for r in run.records]
+    return run_verdict(records, max_new_tokens=run.config.rollout.max_new_tokens,
+                       greedy_eval=run.config.eval.temperature == 0)  # fmt: skip
+
+
+def _markdown(run: _Run, columns: tuple[Column, ...]) -> str:
+    return _markdown_table(*_table(run, columns, terminal=False))
 
 
 def _teacher_accuracy(run: _Run) -> float | None:
@@ -174,7 +254,7 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _kl_note(records: list[dict]) -> str | None:
-    """E.g. "... fell from 2.31 at step 0 to 0.84 at step 10 (-64%)."; None before 2 evals."""
+    """E.g. "... fell from 2.31 at step 0 to 0.84 at step 10 (-64%). ..."; None before 2 evals."""
     points = [(r["step"], v) for r in records if (v := finite(r, "eval/reverse_kl")) is not None]
     if len(points) < 2:
         return None
@@ -182,8 +262,10 @@ def _kl_note(records: list[dict]) -> str | None:
     verb = "fell" if after < before else "rose" if after > before else "stayed"
     change = f" ({(after - before) / before:+.0%})" if before > 0 else ""
     return (
-        f"Reverse KL to the teacher on the held-out prompts {verb} from {before:.3g} at step "
-        f"{first} to {after:.3g} at step {last}{change}."
+        f"Reverse KL to the teacher on the student's own held-out answers {verb} from "
+        f"{before:.3g} at step {first} to {after:.3g} at step {last}{change}. It measures how "
+        "close the student is where it goes, so it also falls when it goes somewhere degenerate "
+        "that the teacher finds likely once there: on its own it shows no learning."
     )
 
 
@@ -201,6 +283,10 @@ def _run_section(cfg: Config) -> str:
         "batch": f"{cfg.train.batch_size} prompts × {cfg.rollout.n_samples} samples",
         "learning rate": f"{cfg.optim.lr:g}",
     }
+    if cfg.eval.path:
+        t = cfg.eval.temperature
+        greedy = " and greedy" if cfg.eval.greedy and t > 0 else ""
+        items["evaluation"] = f"`{cfg.eval.path}`, answers at temperature {t:g}{greedy}"
     return "## Run\n\n" + "\n".join(f"- {name}: {value}" for name, value in items.items())
 
 

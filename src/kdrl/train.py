@@ -53,7 +53,7 @@ from kdrl.engines import make_rollout, make_teacher
 from kdrl.evaluate import Answers, run_eval
 from kdrl.grpo import group_advantages
 from kdrl.guard import Guard
-from kdrl.metrics import MetricsWriter
+from kdrl.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from kdrl.models import load_student, load_tokenizer, support_size
 from kdrl.nonfinite import NonFinite, skip_or_stop
 from kdrl.rewards import RewardFn, compute_rewards, get_reward_fn
@@ -65,6 +65,7 @@ from kdrl.stop import StepAbandoned, StopRequest, abandon_point, handle_stop_sig
 from kdrl.stop import rewind_on_abandon as rewind
 from kdrl.teacher import Teacher, TeacherOutput
 from kdrl.update import LossSettings, UpdateBatch, policy_update
+from kdrl.verdict import run_verdict
 
 log = logging.getLogger("kdrl")
 
@@ -382,6 +383,8 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
             save(run)
     if stopped:  # raises kdrl.stop.Stopped
         stop.finish(run.step, run.sampler.total_steps, final, output_dir, main=ctx.is_main)
+    if ctx.is_main and run.eval_prompts:
+        _log_verdict(output_dir, cfg)
     log.info("done: %d steps; final model in %s", run.step, final)
     return final
 
@@ -392,6 +395,17 @@ def _record(writer: MetricsWriter, guard: Guard, step: int, metrics: dict, ctx: 
     if ctx.is_main:  # the metrics are already reduced: every rank would say the same
         for warning in guard.observe(step, metrics):
             log.warning("%s", warning)
+
+
+def _log_verdict(output_dir: Path, cfg: Config) -> None:
+    """The run's verdict in plain words (kdrl.verdict), as report.md states it: a warning when
+    the student did not learn or its answers degenerated."""
+    verdict = run_verdict(read_metrics(output_dir / METRICS_FILE),
+                          max_new_tokens=cfg.rollout.max_new_tokens,
+                          greedy_eval=cfg.eval.temperature == 0)  # fmt: skip
+    if verdict is not None:
+        healthy = verdict.learnt is not False and not verdict.degenerate
+        (log.info if healthy else log.warning)("verdict: %s", verdict.text)
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
