@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from kdrl.config import load_config
@@ -82,3 +84,14 @@ def test_guard_object_keeps_the_teachers_signals_and_a_short_history():
                                                                  "loss/total": 1.0})]  # fmt: skip
     assert len(warned) == 1 and "(the teacher's held-out answers: 90%)" in warned[0]
     assert len(guard.history) == 4 and guard.history[-1] == {EOS_KEY: 0.0, REPEAT_KEY: 0.0}
+
+
+def test_only_an_enabled_guard_logs(caplog):
+    degenerate = {EOS_KEY: 0.0, REPEAT_KEY: 0.0}
+    for enabled in (False, True):
+        guard = Guard(config(), enabled=enabled)
+        with caplog.at_level(logging.WARNING, logger="kdrl"):
+            for step in range(1, 5):
+                guard.warn(step, degenerate)
+    assert [(r.name, r.levelname) for r in caplog.records] == [("kdrl", "WARNING")]
+    assert caplog.records[0].getMessage().startswith("step 3: sampled answers are not ending")

@@ -11,6 +11,7 @@ crossed and again only after the answers recovered and crossed it again. It neve
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from kdrl.config import Config
 from kdrl.degeneracy import REPEAT_N
 
 EOS_KEY, REPEAT_KEY = "rollout/eos_frac", "rollout/repeat_frac"
+
+log = logging.getLogger("kdrl")
 
 
 def crossed(window: Sequence[Mapping[str, float]], cfg: Config) -> dict[str, float]:
@@ -103,6 +106,8 @@ class Guard:
     the teacher's held-out signals once an evaluation measured them."""
 
     cfg: Config
+    enabled: bool = True
+    """Log the warnings (`warn`); False on data-parallel ranks other than the first."""
     history: list[dict[str, float]] = field(default_factory=list)
     teacher: dict[str, float] = field(default_factory=dict)
 
@@ -115,3 +120,9 @@ class Guard:
         self.history.append({k: metrics[k] for k in (EOS_KEY, REPEAT_KEY) if k in metrics})
         del self.history[: -self.cfg.train.guard_patience_steps - 1]
         return guard_warnings(self.history, self.cfg, step=step, teacher=self.teacher)
+
+    def warn(self, step: int, metrics: Mapping[str, float]) -> None:
+        """`observe`, and log its warnings with the ``kdrl`` logger when enabled."""
+        for warning in self.observe(step, metrics):
+            if self.enabled:
+                log.warning("%s", warning)

@@ -65,7 +65,7 @@ from kdrl.stop import StepAbandoned, StopRequest, abandon_point, handle_stop_sig
 from kdrl.stop import rewind_on_abandon as rewind
 from kdrl.teacher import Teacher, TeacherOutput
 from kdrl.update import LossSettings, UpdateBatch, policy_update
-from kdrl.verdict import run_verdict
+from kdrl.verdict import log_verdict
 
 log = logging.getLogger("kdrl")
 
@@ -351,14 +351,16 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
         enabled=ctx.is_main,
     ) as writer:  # fmt: skip
         last_saved = run.step if checkpoint else -1
-        guard = Guard(cfg)
+        guard = Guard(cfg, enabled=ctx.is_main)  # the metrics are reduced: one rank speaks
         # Closed on errors too, so the error message is the last thing on the terminal; log
         # lines (the guard's warnings) print above the bar instead of through it.
         with logging_redirect_tqdm(), tqdm(total=run.sampler.total_steps, initial=run.step,
                   desc="kdrl train", unit="step", disable=not ctx.is_main) as bar:  # fmt: skip
             try:
                 if run.step == 0 and run.eval_prompts:
-                    _record(writer, guard, 0, run_eval(run), ctx)
+                    first = run_eval(run)
+                    writer.write(0, first)
+                    guard.warn(0, first)
                 while not stop.agreed(ctx):  # every rank stops after the same step
                     with rewind(run.sampler, run.step + 1):  # an abandoned step leaves no trace
                         metrics = train_step(run)
@@ -367,7 +369,8 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
                     last = run.step >= run.sampler.total_steps
                     if last or (eval_every and run.step % eval_every == 0):
                         metrics |= skippable(run_eval, run, what=f"evaluation at step {run.step}")
-                    _record(writer, guard, run.step, metrics, ctx)
+                    writer.write(run.step, metrics)
+                    guard.warn(run.step, metrics)
                     bar.update(1)
                     bar.set_postfix(_postfix(metrics), refresh=False)
                     if every and run.step % every == 0:
@@ -384,28 +387,9 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
     if stopped:  # raises kdrl.stop.Stopped
         stop.finish(run.step, run.sampler.total_steps, final, output_dir, main=ctx.is_main)
     if ctx.is_main and run.eval_prompts:
-        _log_verdict(output_dir, cfg)
+        log_verdict(read_metrics(output_dir / METRICS_FILE), cfg)
     log.info("done: %d steps; final model in %s", run.step, final)
     return final
-
-
-def _record(writer: MetricsWriter, guard: Guard, step: int, metrics: dict, ctx: DistContext):
-    """Write a step's metrics and log the degeneracy guard's new warnings (kdrl.guard)."""
-    writer.write(step, metrics)
-    if ctx.is_main:  # the metrics are already reduced: every rank would say the same
-        for warning in guard.observe(step, metrics):
-            log.warning("%s", warning)
-
-
-def _log_verdict(output_dir: Path, cfg: Config) -> None:
-    """The run's verdict in plain words (kdrl.verdict), as report.md states it: a warning when
-    the student did not learn or its answers degenerated."""
-    verdict = run_verdict(read_metrics(output_dir / METRICS_FILE),
-                          max_new_tokens=cfg.rollout.max_new_tokens,
-                          greedy_eval=cfg.eval.temperature == 0)  # fmt: skip
-    if verdict is not None:
-        healthy = verdict.learnt is not False and not verdict.degenerate
-        (log.info if healthy else log.warning)("verdict: %s", verdict.text)
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:

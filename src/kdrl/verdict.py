@@ -12,12 +12,16 @@ student's last answers are checked against the teacher's for degeneracy (`kdrl.d
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kdrl.config import Config
 from kdrl.degeneracy import REPEAT_N
+
+log = logging.getLogger("kdrl")
 
 RATES = (
     ("eval/accuracy_greedy", "greedy accuracy"),
@@ -167,6 +171,16 @@ def run_verdict(
     return verdict(
         first, evals[-1], teacher, max_new_tokens=max_new_tokens, greedy_eval=greedy_eval
     )
+
+
+def log_verdict(records: Sequence[Mapping[str, Any]], cfg: Config) -> None:
+    """Log the verdict of a finished run with config ``cfg`` as ``kdrl train`` ends: a warning
+    when the student did not learn or its answers degenerated."""
+    found = run_verdict(records, max_new_tokens=cfg.rollout.max_new_tokens,
+                        greedy_eval=cfg.eval.temperature == 0)  # fmt: skip
+    if found is not None:
+        healthy = found.learnt is not False and not found.degenerate
+        (log.info if healthy else log.warning)("verdict: %s", found.text)
 
 
 def _num(record: Mapping[str, Any] | None, key: str) -> float | None:
