@@ -366,8 +366,9 @@ def test_a_stop_during_evaluation_keeps_the_step_and_skips_its_evaluation(
     tiny_pair, prompts, baseline_eval, tmp_path, caplog
 ):
     out, extra = tmp_path / "run", with_eval(prompts)
-    # Held-out reward calls: 2 for the teacher's reference and 2 at step 0, then 2 at step 2.
-    signal_rewards.reset(("x", 5))
+    # Held-out reward calls: 2 for the teacher's reference, 2 sampled and 2 greedy answers at
+    # step 0, then the same at step 2: the 7th is in step 2's evaluation.
+    signal_rewards.reset(("x", 7))
     with caplog.at_level(logging.INFO, logger="kdrl"), pytest.raises(Stopped) as stopped:
         train(load_config(None, overrides(tiny_pair, prompts, out, *extra)))
     final = stopped.value.checkpoint

@@ -141,6 +141,18 @@ def test_cli_train_then_eval(tiny_pair, prompts_file, tmp_path, capsys):
     metrics = json.loads(out.read_text())
     assert metrics["eval/prompts"] == 3 and metrics["eval/reverse_kl"] >= 0
     assert 0 <= metrics["eval/accuracy"] <= 1
+    # The measures a degenerate student cannot fake, printed as well as written.
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == metrics
+    new = ["reverse_kl_seq", "teacher_nll", "accuracy_greedy", "agreement_greedy", "eos_frac",
+           "repeat_frac", "distinct_frac", "teacher_eos_frac", "teacher_repeat_frac",
+           "teacher_distinct_frac"]  # fmt: skip
+    new = [f"eval/{key}" for key in new]
+    assert set(new) <= set(printed), sorted(set(new) - set(printed))
+    assert (
+        printed["eval/teacher_nll"] > 0
+        and printed["eval/reverse_kl_seq"] >= printed["eval/reverse_kl"]
+    )
 
 
 def test_cli_reports_bad_input_in_one_line(tiny_pair, prompts_file, tmp_path, capsys):

@@ -200,7 +200,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         _add_train,
     ),
     "eval": (
-        "accuracy and reverse KL to the teacher on held-out prompts, for any saved model",
+        "accuracy, agreement with the teacher, teacher-forced NLL, reverse KL and degeneracy "
+        "signals on held-out prompts, for any saved model",
         _add_eval,
     ),
     "report": (

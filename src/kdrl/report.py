@@ -5,20 +5,26 @@ Reads ``metrics.jsonl`` (required; keys in docs/training.md) and, where present,
 ``samples/step-NNNNNNNN.jsonl`` (the student's answers at each eval step). Writes
 ``RUN_DIR/report.md`` and its PNGs in ``RUN_DIR/report/``; an absent input or series leaves its
 section or plot out.
+
+The report opens with the verdict in plain words (`kdrl.verdict`) and leads with the task metrics
+and the teacher-forced NLL of the teacher's answers, which a degenerate student cannot fake; the
+reverse KL on the student's own answers, which it can, comes after the answers' health.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Callable
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdrl.config import Config, ConfigError, load_config
+from kdrl.degeneracy import REPEAT_N
 from kdrl.metrics import METRICS_FILE, read_metrics
+from kdrl.plots import draw_plots, finite, first_finite
+from kdrl.verdict import Verdict, run_verdict
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "report"
@@ -28,20 +34,32 @@ N_SAMPLE_PROMPTS = 5
 MAX_ANSWER_CHARS = 300
 _STEP_FILE = re.compile(r"step-(\d+)\.jsonl")
 _MISSING = "—"
-_DPI = 120
-_FIGSIZE = (7.0, 4.0)
-_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5}
 
-# The before/after table: (metric key, Markdown header, terminal header, number format).
-_COLUMNS = (
-    ("eval/reverse_kl", "reverse KL to teacher", "reverse KL", "{:.3g}"),
-    ("eval/accuracy", "accuracy", "accuracy", "{:.1%}"),
-    ("eval/agreement", "agreement with teacher's answers", "agreement", "{:.1%}"),
-    ("eval/top1_agreement", "top-1 agreement", "top-1 agr.", "{:.1%}"),
-    ("eval/len_mean", "mean answer length (tokens)", "answer len", "{:.1f}"),
+# The before/after tables: (metric key, Markdown header, terminal header, number format).
+# The headline is the task and what a degenerate student cannot fake; the reverse KL, which it
+# can, comes after, with the health of the answers.
+Column = tuple[str, str, str, str]
+_TASK: tuple[Column, ...] = (
+    ("eval/accuracy_greedy", "greedy accuracy", "acc greedy", "{:.1%}"),
+    ("eval/accuracy", "sampled accuracy", "acc sampled", "{:.1%}"),
+    ("eval/agreement_greedy", "greedy agreement with teacher", "agr greedy", "{:.1%}"),
+    ("eval/top1_agreement", "top-1 agreement", "top-1 agr", "{:.1%}"),
+    ("eval/teacher_nll", "NLL of teacher's answers (nats/token)", "teacher NLL", "{:.3g}"),
 )
+_ANSWERS: tuple[Column, ...] = (
+    ("eval/len_mean", "mean length (tokens)", "answer len", "{:.1f}"),
+    ("eval/eos_frac", "end with EOS", "end EOS", "{:.0%}"),
+    ("eval/repeat_frac", f"repeated {REPEAT_N}-grams", f"repeat {REPEAT_N}g", "{:.0%}"),
+    ("eval/distinct_frac", "distinct tokens", "distinct", "{:.0%}"),
+)
+_KL: tuple[Column, ...] = (
+    ("eval/reverse_kl", "reverse KL (nats/token)", "rev KL", "{:.3g}"),
+    ("eval/reverse_kl_seq", "reverse KL (nats/answer)", "rev KL/ans", "{:.3g}"),
+)
+_TERMINAL = (*_TASK, _KL[0])  # the terminal's first table; the second is _ANSWERS
 # The teacher measured against itself, by definition.
-_TEACHER_SELF = {"eval/reverse_kl": 0.0, "eval/agreement": 1.0, "eval/top1_agreement": 1.0}
+_TEACHER_SELF = {"eval/agreement_greedy": 1.0, "eval/top1_agreement": 1.0,
+                 "eval/reverse_kl": 0.0, "eval/reverse_kl_seq": 0.0}  # fmt: skip
 
 
 @dataclass
@@ -58,22 +76,24 @@ def write_report(run_dir: Path) -> Path:
     """Write ``run_dir/report.md`` and its plots under ``run_dir/report/``; return the report."""
     run_dir = Path(run_dir)
     run = _load_run(run_dir)
-    plots_dir = run_dir / PLOTS_DIR
-    plots_dir.mkdir(exist_ok=True)
-    images = []
-    for name, (alt, plot) in _PLOTS.items():
-        path = plots_dir / f"{name}.png"
-        if _draw(plot, run.records, path):
-            images.append(f"![{alt}]({PLOTS_DIR}/{name}.png)")
-        else:  # a stale plot from an earlier report would contradict this one
-            path.unlink(missing_ok=True)
+    images = draw_plots(run.records, run_dir, PLOTS_DIR)
     sections = [f"# Run report: {run_dir.resolve().name}"]
+    verdict = _verdict(run)
+    if verdict is not None:
+        sections.append(f"## Verdict\n\n{verdict.text}")
     if run.config is not None:
         sections.append(_run_section(run.config))
-    header, rows = _table(run, terminal=False)
-    table = "## Before and after training\n\n" + _markdown_table(header, rows)
+    sections.append("## Before and after training\n\n" + _markdown(run, _task_columns(run)))
+    limit = f" within the {run.config.rollout.max_new_tokens}-token limit" if run.config else ""
+    sections.append(
+        f"### The answers\n\n{_markdown(run, _ANSWERS)}\n\nShares of answers that end with EOS"
+        f"{limit}, of their token {REPEAT_N}-grams that repeat one earlier in the same answer, and "
+        "of distinct tokens, averaged over answers: a degenerate student stops ending, loops, or "
+        "draws on a handful of tokens."
+    )
     note = _kl_note(run.records)
-    sections.append(table + (f"\n\n{note}" if note else ""))
+    sections.append("### Reverse KL to the teacher\n\n" + _markdown(run, _KL)
+                    + (f"\n\n{note}" if note else ""))  # fmt: skip
     if images:
         sections.append("## Curves\n\n" + "\n\n".join(images))
     samples = _samples_section(run)
@@ -85,8 +105,18 @@ def write_report(run_dir: Path) -> Path:
 
 
 def summary_table(run_dir: Path) -> str:
-    """The before/after table as fixed-width plain text, for a terminal."""
-    header, rows = _table(_load_run(Path(run_dir)), terminal=True)
+    """The before/after tables as fixed-width plain text and the verdict, for a terminal."""
+    run = _load_run(Path(run_dir))
+    task = [c for c in _TERMINAL if c in _task_columns(run) or c[0] == "eval/reverse_kl"]
+    blocks = [_fixed_width(*_table(run, task, terminal=True)),
+              _fixed_width(*_table(run, _ANSWERS, terminal=True))]  # fmt: skip
+    verdict = _verdict(run)
+    if verdict is not None:
+        blocks.append(textwrap.fill(f"Verdict: {verdict.text}", width=100))
+    return "\n\n".join(blocks)
+
+
+def _fixed_width(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [header, ["-" * w for w in widths], *rows]
     # Labels left-aligned, numbers right-aligned.
@@ -144,53 +174,70 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _value(record: dict, key: str) -> float | None:
-    """The finite value of `key` in `record`, else None (absent, or written as null)."""
-    value = record.get(key)
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """Steps and values of `key`; a non-finite value (null) becomes NaN, which matplotlib draws
-    as a gap, so a curve does not hide the steps that went wrong."""
-    points = [(r["step"], _value(r, key)) for r in records if key in r]
-    if all(v is None for _, v in points):
-        return [], []
-    return [s for s, _ in points], [math.nan if v is None else v for _, v in points]
-
-
-def _first(records: list[dict], key: str) -> float | None:
-    return next((v for r in records if (v := _value(r, key)) is not None), None)
-
-
 # --- Tables and text ----------------------------------------------------------------------------
 
 
-def _table(run: _Run, *, terminal: bool) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (student before, after, teacher); `terminal` picks the short headers."""
-    keys = [key for key, *_ in _COLUMNS]
-    evals = [r for r in run.records if any(_value(r, k) is not None for k in keys)]
+def _task_columns(run: _Run) -> tuple[Column, ...]:
+    """`_TASK`, less the sampled accuracy when the run evaluated greedily (it is the greedy one)."""
+    if run.config is not None and run.config.eval.temperature == 0:
+        return tuple(c for c in _TASK if c[0] != "eval/accuracy")
+    return _TASK
+
+
+def _greedy_fallback(run: _Run, record: dict) -> dict:
+    """A run that evaluated greedily before the ``_greedy`` keys existed logged its greedy
+    accuracy and agreement as ``eval/accuracy`` and ``eval/agreement``."""
+    if run.config is None or run.config.eval.temperature != 0:
+        return record
+    old = {"eval/accuracy_greedy": "eval/accuracy", "eval/agreement_greedy": "eval/agreement"}
+    return {**{new: record[key] for new, key in old.items() if key in record}, **record}
+
+
+def _table(run: _Run, columns: tuple[Column, ...] | list[Column], *, terminal: bool):
+    """Header and rows (student before, after, teacher) of ``columns``; `terminal` picks the
+    short headers."""
+    keys = [key for cols in (_TASK, _ANSWERS, _KL) for key, *_ in cols]
+    evals = [_greedy_fallback(run, r) for r in run.records
+             if any(finite(r, k) is not None for k in keys)]  # fmt: skip
     rows: list[tuple[str, dict[str, Any]]] = []
     if evals:
         rows.append((f"student before (step {evals[0]['step']})", evals[0]))
     if len(evals) > 1:
         rows.append((f"student after (step {evals[-1]['step']})", evals[-1]))
-    accuracy, length = _teacher_accuracy(run), _first(run.records, "eval/teacher_len_mean")
-    rows.append(("teacher", _TEACHER_SELF | {"eval/accuracy": accuracy, "eval/len_mean": length}))
+    rows.append(("teacher", _teacher_row(run)))
     body = []
     for label, values in rows:
-        cells = [(_value(values, key), fmt) for key, _, _, fmt in _COLUMNS]
+        cells = [(finite(values, key), fmt) for key, _, _, fmt in columns]
         body.append([label, *(_MISSING if v is None else fmt.format(v) for v, fmt in cells)])
-    headers = [short if terminal else long for _, long, short, _ in _COLUMNS]
+    headers = [short if terminal else long for _, long, short, _ in columns]
     return ["", *headers], body
+
+
+def _teacher_row(run: _Run) -> dict[str, float | None]:
+    """The teacher's greedy answers in the columns' keys: its accuracy is greedy accuracy, its
+    ``eval/teacher_*`` signals are the answers' columns."""
+    row: dict[str, float | None] = {**_TEACHER_SELF, "eval/accuracy_greedy": _teacher_accuracy(run)}
+    for key, *_ in _ANSWERS:
+        row[key] = first_finite(run.records, key.replace("eval/", "eval/teacher_"))
+    return row
+
+
+def _verdict(run: _Run) -> Verdict | None:
+    if run.config is None:
+        return run_verdict(run.records)
+    records = [_greedy_fallback(run, r) for r in run.records]
+    return run_verdict(records, max_new_tokens=run.config.rollout.max_new_tokens,
+                       greedy_eval=run.config.eval.temperature == 0)  # fmt: skip
+
+
+def _markdown(run: _Run, columns: tuple[Column, ...]) -> str:
+    return _markdown_table(*_table(run, columns, terminal=False))
 
 
 def _teacher_accuracy(run: _Run) -> float | None:
     """``eval/teacher_accuracy`` if logged, else the rewards of ``samples/teacher.jsonl`` under
     the run's correctness threshold (which needs config.yaml)."""
-    logged = _first(run.records, "eval/teacher_accuracy")
+    logged = first_finite(run.records, "eval/teacher_accuracy")
     if logged is not None or not run.teacher_samples or run.config is None:
         return logged
     rewards = [row.get("reward") for row in run.teacher_samples]
@@ -207,16 +254,18 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _kl_note(records: list[dict]) -> str | None:
-    """E.g. "... fell from 2.31 at step 0 to 0.84 at step 10 (-64%)."; None before 2 evals."""
-    points = [(r["step"], v) for r in records if (v := _value(r, "eval/reverse_kl")) is not None]
+    """E.g. "... fell from 2.31 at step 0 to 0.84 at step 10 (-64%). ..."; None before 2 evals."""
+    points = [(r["step"], v) for r in records if (v := finite(r, "eval/reverse_kl")) is not None]
     if len(points) < 2:
         return None
     (first, before), (last, after) = points[0], points[-1]
     verb = "fell" if after < before else "rose" if after > before else "stayed"
     change = f" ({(after - before) / before:+.0%})" if before > 0 else ""
     return (
-        f"Reverse KL to the teacher on the held-out prompts {verb} from {before:.3g} at step "
-        f"{first} to {after:.3g} at step {last}{change}."
+        f"Reverse KL to the teacher on the student's own held-out answers {verb} from "
+        f"{before:.3g} at step {first} to {after:.3g} at step {last}{change}. It measures how "
+        "close the student is where it goes, so it also falls when it goes somewhere degenerate "
+        "that the teacher finds likely once there: on its own it shows no learning."
     )
 
 
@@ -234,6 +283,10 @@ def _run_section(cfg: Config) -> str:
         "batch": f"{cfg.train.batch_size} prompts × {cfg.rollout.n_samples} samples",
         "learning rate": f"{cfg.optim.lr:g}",
     }
+    if cfg.eval.path:
+        t = cfg.eval.temperature
+        greedy = " and greedy" if cfg.eval.greedy and t > 0 else ""
+        items["evaluation"] = f"`{cfg.eval.path}`, answers at temperature {t:g}{greedy}"
     return "## Run\n\n" + "\n".join(f"- {name}: {value}" for name, value in items.items())
 
 
@@ -281,120 +334,3 @@ def _cell(text: Any) -> str:
         text = text[:MAX_ANSWER_CHARS].rstrip() + " …"
     text = re.sub(r"([\\`*_\[\]<>|~&$#])", r"\\\1", text)
     return re.sub(r"\r\n|\r|\n", "<br>", text)
-
-
-# --- Plots --------------------------------------------------------------------------------------
-
-
-def _draw(plot: Callable[[Any, list[dict]], bool], records: list[dict], path: Path) -> bool:
-    """Run `plot` on a fresh figure and save it to `path`; False (nothing saved) when it had no
-    data. A bare `Figure` renders with Agg without pyplot, so the caller's backend is untouched
-    and no figure is left open."""
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=_FIGSIZE, dpi=_DPI, layout="constrained")
-        if not plot(fig, records):
-            return False
-        for ax in fig.axes:
-            ax.grid(True, alpha=0.3)
-            _integer_steps(ax)
-        # One legend under the plot for every panel: inside the axes it hides curves.
-        n_labels = sum(len(ax.get_legend_handles_labels()[1]) for ax in fig.axes)
-        if n_labels:
-            ncol = n_labels if n_labels <= 4 else 3  # long labels: at most three side by side
-            fig.legend(loc="outside lower center", ncol=ncol, frameon=False)
-        fig.savefig(path, dpi=_DPI)
-    return True
-
-
-def _integer_steps(ax: Any) -> None:
-    """Whole-number step ticks; an axis narrower than two steps (one point) is widened, since
-    the integer locator otherwise falls back to ticks such as -0.04."""
-    lo, hi = ax.get_xlim()
-    if hi - lo < 2:
-        mid = (lo + hi) / 2
-        ax.set_xlim(max(mid - 1, -0.25), mid + 1)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-
-
-def _lines(ax: Any, records: list[dict], keys: dict[str, str], **style: Any) -> bool:
-    """Plot each present key of `keys` (key -> label) against step; True if any was present."""
-    drawn = False
-    for key, label in keys.items():
-        steps, values = _series(records, key)
-        if steps:
-            # A point with no finite neighbour draws no line segment: a marker keeps it visible.
-            ok = [False, *(not math.isnan(v) for v in values), False]
-            lone = any(ok[i] and not ok[i - 1] and not ok[i + 1] for i in range(1, len(ok) - 1))
-            marker = style.get("marker") or ("o" if lone else None)
-            ax.plot(steps, values, label=label, **{**style, "marker": marker})
-            drawn = True
-    return drawn
-
-
-def _plot_reverse_kl(fig: Any, records: list[dict]) -> bool:
-    ax = fig.add_subplot()
-    held_out = {"eval/reverse_kl": "held-out, exact per token"}
-    rollout = {"rollout/reverse_kl": "training samples, one-token estimate"}
-    ax.set(title="Reverse KL to the teacher", xlabel="training step")
-    ax.set_ylabel("reverse KL to teacher (nats / token)")
-    drawn = _lines(ax, records, rollout, linewidth=1.0, alpha=0.7, color="tab:gray")
-    return _lines(ax, records, held_out, marker="o", linewidth=2.0, color="tab:blue") or drawn
-
-
-def _plot_accuracy(fig: Any, records: list[dict]) -> bool:
-    ax = fig.add_subplot()
-    training = {"reward/accuracy": "training samples' accuracy"}
-    drawn = _lines(ax, records, training, linewidth=1.0, alpha=0.6)
-    keys = {
-        "eval/accuracy": "held-out accuracy",
-        "eval/agreement": "agreement with teacher's answers",
-        "eval/top1_agreement": "top-1 agreement with teacher",
-    }
-    drawn |= _lines(ax, records, keys, marker="o", linewidth=1.8)
-    teacher = _first(records, "eval/teacher_accuracy")
-    if drawn and teacher is not None:
-        ax.axhline(teacher, linestyle="--", color="black", linewidth=1.2, label="teacher accuracy")
-    ax.set(title="Accuracy and agreement", xlabel="training step", ylabel="fraction")
-    ax.set_ylim(-0.02, 1.02)  # the margin keeps points at exactly 0 or 1 visible
-    return drawn
-
-
-def _plot_throughput(fig: Any, records: list[dict]) -> bool:
-    speed, times = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    # The y label names the throughput curve; "_" keeps it out of the legend of the phases.
-    speed_key = {"perf/response_tokens_per_s": "_sampled tokens / s"}
-    sampled = _lines(speed, records, speed_key, color="tab:purple")
-    timed = _lines(times, records, {"time/step": "whole step"}, color="black", linestyle="--")
-    phases = {
-        "time/rollout": "sampling",
-        "time/teacher": "teacher scoring",
-        "time/update": "update",
-    }
-    timed |= _lines(times, records, phases, linewidth=1.5)
-    speed.set(title="Throughput", xlabel="training step", ylabel="sampled tokens / s of step")
-    times.set(title="Time per phase", xlabel="training step", ylabel="seconds per step")
-    for ax, present in ((speed, sampled), (times, timed)):
-        if present:  # from zero, so that a 5% dip does not look like a collapse
-            ax.set_ylim(0, ax.dataLim.y1 * 1.08)
-        else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    return sampled or timed
-
-
-def _plot_loss(fig: Any, records: list[dict]) -> bool:
-    ax = fig.add_subplot()
-    ax.set(title="Training loss", xlabel="training step", ylabel="loss (terms before weighting)")
-    keys = {"loss/total": "total", "loss/kd": "distillation term", "loss/grpo": "GRPO term"}
-    return _lines(ax, records, keys, linewidth=1.5)
-
-
-# file name -> (alt text, plot function); the report embeds them in this order.
-_PLOTS: dict[str, tuple[str, Callable[[Any, list[dict]], bool]]] = {
-    "reverse_kl": ("Reverse KL to the teacher", _plot_reverse_kl),
-    "accuracy": ("Accuracy and agreement", _plot_accuracy),
-    "throughput": ("Throughput and time per phase", _plot_throughput),
-    "loss": ("Training loss", _plot_loss),
-}

@@ -11,13 +11,16 @@ from typing import Any
 from kdrl.checkpoint import find_latest_checkpoint
 from kdrl.config import Config, config_to_dict, load_config
 
-# Keys a resumed run may change: how long and how often, not what is trained.
+# Keys a resumed run may change: how long and how often, and what is measured or warned
+# about, not what is trained.
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.epochs", "train.save_every_steps", "train.keep_checkpoints",
     "train.tensorboard", "train.wandb", "train.threads", "train.device", "train.parallel",
     "train.skip_nonfinite", "train.max_skipped_steps",
+    "train.guard_patience_steps", "train.guard_min_eos_frac", "train.guard_max_repeat_frac",
     "eval.every_steps",
     "eval.max_prompts",
+    "eval.greedy",
 }  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kdrl.checkpoint import (
     capture_rng_state,
@@ -29,6 +30,7 @@ from kdrl.checkpoint import (
 )
 from kdrl.config import Config, config_to_dict, dump_config
 from kdrl.data import Prompt, load_prompts
+from kdrl.degeneracy import response_ids, signal_sums
 from kdrl.distributed import (
     SINGLE,
     DistContext,
@@ -50,7 +52,8 @@ from kdrl.divergences import DIVERGENCES
 from kdrl.engines import make_rollout, make_teacher
 from kdrl.evaluate import Answers, run_eval
 from kdrl.grpo import group_advantages
-from kdrl.metrics import MetricsWriter
+from kdrl.guard import Guard
+from kdrl.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from kdrl.models import load_student, load_tokenizer, support_size
 from kdrl.nonfinite import NonFinite, skip_or_stop
 from kdrl.rewards import RewardFn, compute_rewards, get_reward_fn
@@ -62,6 +65,7 @@ from kdrl.stop import StepAbandoned, StopRequest, abandon_point, handle_stop_sig
 from kdrl.stop import rewind_on_abandon as rewind
 from kdrl.teacher import Teacher, TeacherOutput
 from kdrl.update import LossSettings, UpdateBatch, policy_update
+from kdrl.verdict import log_verdict
 
 log = logging.getLogger("kdrl")
 
@@ -206,6 +210,9 @@ def rollout_metrics(run: Run, batch: RolloutBatch, rewards_B, teacher: TeacherOu
         "sequences": float(batch.num_sequences),
         "tokens": float(mask.sum()),
     }
+    # Degeneracy signals (kdrl.degeneracy): per-answer sums, averaged over the global batch.
+    signals = signal_sums(response_ids(batch.input_ids_BT, mask), run.tokenizer.eos_token_id)
+    sums |= {f"rollout/{name}": value for name, value in signals.items()}
     if run.reward_fn is not None:
         sums["reward/mean"] = rewards_B.sum().item()
         correct = rewards_B >= run.cfg.reward.correct_threshold
@@ -344,12 +351,16 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
         enabled=ctx.is_main,
     ) as writer:  # fmt: skip
         last_saved = run.step if checkpoint else -1
-        # Closed on errors too, so the error message is the last thing on the terminal.
-        with tqdm(total=run.sampler.total_steps, initial=run.step, desc="kdrl train",
-                  unit="step", disable=not ctx.is_main) as bar:  # fmt: skip
+        guard = Guard(cfg, enabled=ctx.is_main)  # the metrics are reduced: one rank speaks
+        # Closed on errors too, so the error message is the last thing on the terminal; log
+        # lines (the guard's warnings) print above the bar instead of through it.
+        with logging_redirect_tqdm(), tqdm(total=run.sampler.total_steps, initial=run.step,
+                  desc="kdrl train", unit="step", disable=not ctx.is_main) as bar:  # fmt: skip
             try:
                 if run.step == 0 and run.eval_prompts:
-                    writer.write(0, run_eval(run))
+                    first = run_eval(run)
+                    writer.write(0, first)
+                    guard.warn(0, first)
                 while not stop.agreed(ctx):  # every rank stops after the same step
                     with rewind(run.sampler, run.step + 1):  # an abandoned step leaves no trace
                         metrics = train_step(run)
@@ -359,6 +370,7 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
                     if last or (eval_every and run.step % eval_every == 0):
                         metrics |= skippable(run_eval, run, what=f"evaluation at step {run.step}")
                     writer.write(run.step, metrics)
+                    guard.warn(run.step, metrics)
                     bar.update(1)
                     bar.set_postfix(_postfix(metrics), refresh=False)
                     if every and run.step % every == 0:
@@ -374,6 +386,8 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
             save(run)
     if stopped:  # raises kdrl.stop.Stopped
         stop.finish(run.step, run.sampler.total_steps, final, output_dir, main=ctx.is_main)
+    if ctx.is_main and run.eval_prompts:
+        log_verdict(read_metrics(output_dir / METRICS_FILE), cfg)
     log.info("done: %d steps; final model in %s", run.step, final)
     return final
 

@@ -258,6 +258,17 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """With `skip_nonfinite`: stop the run with an error once more than this many optimizer
     steps (one per minibatch) have been skipped in total, resumed runs included."""
+    guard_patience_steps: int = 5
+    """Degeneracy guard: warn when the sampled answers of the last this many steps, pooled, end
+    with EOS less often than `guard_min_eos_frac` or repeat more than `guard_max_repeat_frac`
+    of their 3-grams (`rollout/eos_frac`, `rollout/repeat_frac`). Once when a limit is crossed,
+    again only after it recovered; it never stops the run. 0 turns the guard off."""
+    guard_min_eos_frac: float | None = 0.1
+    """Degeneracy guard: warn when fewer than this share of the sampled answers end with EOS
+    within `rollout.max_new_tokens`; null turns this check off."""
+    guard_max_repeat_frac: float | None = 0.5
+    """Degeneracy guard: warn when the sampled answers repeat, on average, more than this share
+    of their 3-grams (a loop); null turns this check off."""
 
 
 @dataclass
@@ -274,6 +285,9 @@ class EvalConfig:
     """Evaluate on the first this many prompts; 0 means all."""
     temperature: float = 0.0
     """Sampling temperature for evaluation answers; 0 is greedy."""
+    greedy: bool = True
+    """Also score greedy answers (`eval/accuracy_greedy`, `eval/agreement_greedy`): a second
+    pass of answers when `temperature` > 0 (at 0 the answers are greedy already and are reused)."""
 
 
 @dataclass
