@@ -250,7 +250,7 @@ def test_resume_without_a_checkpoint_is_refused(tiny_pair, prompts_file, tmp_pat
     out = tmp_path / "run"
     with pytest.raises(ValueError) as err:
         train(load_config(None, base(tiny_pair, prompts_file, out)), resume=True)
-    assert str(err.value) == f"--resume: no complete checkpoint in {out}/checkpoints"
+    assert str(err.value) == f"--resume: no complete checkpoint in {out}/checkpoints: no run there"
 
 
 def test_resume_with_another_config_is_refused_unless_forced(tiny_pair, prompts_file, tmp_path):

@@ -62,6 +62,11 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         "--force", action="store_true",
         help="with --resume: accept a config that differs from the saved one",
     )  # fmt: skip
+    parser.add_argument(
+        "--restart", action="store_true",
+        help="start over in a train.output_dir that holds a run (one that failed before its "
+        "first checkpoint, say); its files move to previous-<time>/ inside it",
+    )  # fmt: skip
     parser.set_defaults(func=_run_train)
 
 
@@ -69,7 +74,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from kdrl.train import train  # heavy imports only for the commands that need them
 
     _setup_logging()
-    final = train(load_config(args.config, args.overrides), resume=args.resume, force=args.force)
+    cfg = load_config(args.config, args.overrides)
+    final = train(cfg, resume=args.resume, force=args.force, restart=args.restart)
     print(f"final model: {final}")
     return 0
 
@@ -230,9 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``KEY=VALUE`` overrides may come before, between or after the
+    options, in the order given (argparse alone stops collecting them at the first option)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [x for x in extra if x.startswith("-") or "=" not in x]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``kdrl`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from kdrl.stop import Stopped
 
     try:

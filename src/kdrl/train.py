@@ -21,6 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kdrl.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     checkpoint_path,
     find_latest_checkpoint,
@@ -308,7 +309,68 @@ def save(run: Run) -> Path | None:
     return path
 
 
-def train(cfg: Config, *, resume: bool = False, force: bool = False) -> Path:
+@dataclass
+class StepStart:
+    """What a step starts from, kept so that a failure can still save the last completed step."""
+
+    step: int
+    optimizer_steps: int
+    """The scheduler's count of optimizer steps: unchanged means the weights are untouched."""
+    rng: dict
+    sampler: dict
+    metrics: dict[str, float] | None = None
+    """The step's training metrics while they are not yet in metrics.jsonl."""
+
+    @classmethod
+    def capture(cls, run: Run) -> StepStart:
+        return cls(
+            run.step, run.scheduler.last_epoch, capture_rng_state(), run.sampler.state_dict()
+        )
+
+
+def keep_after_failure(
+    run: Run, began: StepStart | None, last_saved: int, writer: MetricsWriter
+) -> None:
+    """An error ended the run: write a checkpoint of the last completed step, so that
+    ``--resume`` continues once the cause is fixed, or say exactly why none can be written.
+    The caller re-raises the error, whose message is then the last line."""
+    out = run.output_dir
+    if run.ctx.enabled:
+        newest = find_latest_checkpoint(out)
+        log.error("under torchrun a failing rank cannot gather the weights: no checkpoint was "
+                  "written after the error; the newest is %s", newest)  # fmt: skip
+        return
+    if began is not None and run.step == began.step:
+        if run.scheduler.last_epoch != began.optimizer_steps:
+            log.error(
+                "step %d failed after an optimizer step had changed the weights: they match no "
+                "completed step, so no checkpoint was written; the newest is %s",
+                run.step + 1, find_latest_checkpoint(out),
+            )  # fmt: skip
+            return
+        # Failed before its update: the step never happened, as when a stop abandons it.
+        restore_rng_state(began.rng)
+        run.sampler.load_state_dict(began.sampler)
+    elif began is not None and began.metrics is not None:
+        writer.write(run.step, began.metrics)  # trained, but its evaluation failed
+    if run.step == 0:
+        (out / METRICS_FILE).unlink(missing_ok=True)  # so that the same command starts over
+        log.error("the run failed before its first step was done: nothing to save; once the "
+                  "cause is fixed, run the same command again")  # fmt: skip
+        return
+    if last_saved != run.step:
+        try:
+            save(run)
+        except CheckpointError as err:
+            log.error("the run failed, and so did saving step %d: %s", run.step, err)
+            return
+    log.error(
+        "the run failed after step %d; its checkpoint is %s: once the cause is fixed, the same "
+        "command with --resume continues from it", run.step, checkpoint_path(out, run.step),
+    )  # fmt: skip
+
+
+def train(cfg: Config, *, resume: bool = False, force: bool = False, restart: bool = False) -> Path:
     """Run training to the end; returns the final checkpoint (a Hugging Face model folder).
     Stopped by SIGTERM/SIGINT, it saves a checkpoint and raises :class:`kdrl.stop.Stopped`.
 
@@ -319,7 +381,7 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> Path:
         # SIGTERM/SIGINT: stop at a safe point and save (kdrl.stop); one process may abandon a
         # step mid-way, ranks under torchrun stop together after a step.
         with handle_stop_signals(abandon=not ctx.enabled, announce=ctx.is_main) as stop:
-            return _train(cfg, ctx, stop, resume=resume, force=force)
+            return _train(cfg, ctx, stop, resume=resume, force=force, restart=restart)
     except BaseException as err:  # Stopped included: its frames still hold the run
         error = err
         raise
@@ -327,10 +389,12 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> Path:
         shutdown(ctx, error)
 
 
-def _train(cfg: Config, ctx: DistContext, stop: StopRequest, *, resume: bool, force: bool) -> Path:
+def _train(
+    cfg: Config, ctx: DistContext, stop: StopRequest, *, resume: bool, force: bool, restart: bool
+) -> Path:
     output_dir, checkpoint = None, None
     if ctx.is_main:
-        output_dir = prepare_output_dir(cfg, resume=resume, force=force)
+        output_dir = prepare_output_dir(cfg, resume=resume, force=force, restart=restart)
         checkpoint = find_latest_checkpoint(output_dir) if resume else None
     output_dir, checkpoint = broadcast_object((output_dir, checkpoint), ctx)
     run = build(cfg, output_dir, checkpoint, ctx)
@@ -351,6 +415,7 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
         enabled=ctx.is_main,
     ) as writer:  # fmt: skip
         last_saved = run.step if checkpoint else -1
+        began: StepStart | None = None
         guard = Guard(cfg, enabled=ctx.is_main)  # the metrics are reduced: one rank speaks
         # Closed on errors too, so the error message is the last thing on the terminal; log
         # lines (the guard's warnings) print above the bar instead of through it.
@@ -362,14 +427,17 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
                     writer.write(0, first)
                     guard.warn(0, first)
                 while not stop.agreed(ctx):  # every rank stops after the same step
+                    began = StepStart.capture(run)
                     with rewind(run.sampler, run.step + 1):  # an abandoned step leaves no trace
                         metrics = train_step(run)
                     if metrics is None:
                         break
+                    began.metrics = metrics  # trained: written below, or on a failure
                     last = run.step >= run.sampler.total_steps
                     if last or (eval_every and run.step % eval_every == 0):
                         metrics |= skippable(run_eval, run, what=f"evaluation at step {run.step}")
                     writer.write(run.step, metrics)
+                    began.metrics = None
                     guard.warn(run.step, metrics)
                     bar.update(1)
                     bar.set_postfix(_postfix(metrics), refresh=False)
@@ -378,6 +446,10 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
                         last_saved = run.step
             except StepAbandoned:
                 pass  # nothing of the abandoned step (or first evaluation) was kept
+            except Exception:
+                bar.close()
+                keep_after_failure(run, began, last_saved, writer)
+                raise
         final = checkpoint_path(output_dir, run.step)
         stopped = stop.requested and run.step < run.sampler.total_steps
         if stopped and checkpoint is None and run.step == 0:
