@@ -54,7 +54,7 @@ from kdrl.grpo import group_advantages
 from kdrl.metrics import METRICS_FILE, MetricsWriter
 from kdrl.models import load_student, load_tokenizer, support_size
 from kdrl.nonfinite import NonFinite, skip_or_stop
-from kdrl.rewards import RewardFn, compute_rewards, get_reward_fn
+from kdrl.rewards import CHECK_ROWS, RewardFn, check_reward_fn, compute_rewards, get_reward_fn
 from kdrl.rollout import Rollout, RolloutBatch, sequence_seed
 from kdrl.run_dir import prepare_output_dir
 from kdrl.sampler import PromptSampler
@@ -116,6 +116,7 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
     seed_everything(cfg.seed)
     device = device_for(ctx, cfg.train.device)
     tokenizer = load_tokenizer(cfg.student.path)
+    prompts, eval_prompts, reward_fn = load_data(cfg, tokenizer)  # before the slow model loads
     student = load_student(
         str(checkpoint) if checkpoint else cfg.student.path,
         dtype=cfg.student.dtype, gradient_checkpointing=cfg.student.gradient_checkpointing,
@@ -123,13 +124,6 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
     )  # fmt: skip
     hf_student, student = student, wrap_student(student, ctx)
     teacher_model, teacher = make_teacher(cfg, hf_student, tokenizer, device=device)
-    prompts = load_prompts(cfg.data, tokenizer).prompts
-    eval_prompts = []
-    if cfg.eval.path:
-        eval_prompts = load_prompts(
-            cfg.data, tokenizer, path=cfg.eval.path, split=cfg.eval.split,
-            limit=cfg.eval.max_prompts,
-        ).prompts  # fmt: skip
     sampler = PromptSampler(
         len(prompts), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
         epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
@@ -147,7 +141,7 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
     )  # fmt: skip
     run = Run(
         cfg, output_dir, student, tokenizer, teacher_model, teacher, rollout,
-        get_reward_fn(cfg.reward.fn), prompts, eval_prompts, sampler, optimizer, scheduler, ctx,
+        reward_fn, prompts, eval_prompts, sampler, optimizer, scheduler, ctx,
     )  # fmt: skip
     if checkpoint is not None:
         state = load_trainer_state(checkpoint, verify=False)  # verified when it was found
@@ -161,6 +155,22 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
         run.skipped_steps = state.get("skipped_steps", 0)  # absent from older checkpoints
         log.info("resumed from %s at step %d", checkpoint, run.step)
     return run
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[list[Prompt], list[Prompt], RewardFn | None]:
+    """Training and held-out prompts, and the reward function, tried on the first rows."""
+    prompts = load_prompts(cfg.data, tokenizer).prompts
+    eval_prompts = []
+    if cfg.eval.path:
+        eval_prompts = load_prompts(
+            cfg.data, tokenizer, path=cfg.eval.path, split=cfg.eval.split,
+            limit=cfg.eval.max_prompts, key="eval.path",
+        ).prompts  # fmt: skip
+    reward_fn = get_reward_fn(cfg.reward.fn)
+    if reward_fn is not None:
+        rows = [(p.where, p.answer) for p in prompts[:CHECK_ROWS]]
+        check_reward_fn(reward_fn, cfg.reward.fn, rows)
+    return prompts, eval_prompts, reward_fn
 
 
 def loss_settings(cfg: Config, step: int, vocab: int | None = None) -> LossSettings:
