@@ -2,6 +2,9 @@
 built-in exact match, plus hooks that place a signal at a known point of a run, counted in the
 run's own reward calls, so that no test races a sleep against the machine's speed.
 
+Calls are counted from the first training call (kdrl's start-up check of the reward function
+comes first and is not counted).
+
 - ``hold``: while the file named by ``$KDRL_TEST_HOLD_FILE`` exists, each call from the
   ``$KDRL_TEST_HOLD_AT``-th on (default: the first) writes ``<file>.held`` and waits until the
   file is removed (at most ``HOLD_LIMIT_S``), so a test can signal a training process that is
@@ -19,13 +22,15 @@ import signal
 import time
 from pathlib import Path
 
-from kdrl.rewards import exact_match_reward
+from kdrl.rewards import CHECK_ROWS, exact_match_reward
 
 HOLD_ENV = "KDRL_TEST_HOLD_FILE"
 HOLD_AT_ENV = "KDRL_TEST_HOLD_AT"
 SIGNAL_AT_ENV = "KDRL_TEST_SIGNAL_AT"
 SIGNAL_RANK_ENV = "KDRL_TEST_SIGNAL_RANK"
 HOLD_LIMIT_S = 300.0
+CHECK_CALLS = 2 * CHECK_ROWS
+"""Calls kdrl makes before training to try the reward function: not counted by the hooks."""
 
 
 def _signal_at_from_env() -> tuple[str, int] | None:
@@ -45,8 +50,14 @@ _calls = 0  # all calls, for the hold
 def exact_match(completion: str, answer: str | None) -> float:
     global _seen, _calls
     _calls += 1
+    if _calls <= CHECK_CALLS:
+        return exact_match_reward(completion, answer)
     hold = os.environ.get(HOLD_ENV)
-    if hold and _calls >= int(os.environ.get(HOLD_AT_ENV, "1")) and Path(hold).exists():
+    if (
+        hold
+        and _calls - CHECK_CALLS >= int(os.environ.get(HOLD_AT_ENV, "1"))
+        and Path(hold).exists()
+    ):
         Path(hold + ".held").write_text(str(os.getpid()))
         deadline = time.monotonic() + HOLD_LIMIT_S
         while Path(hold).exists() and time.monotonic() < deadline:

@@ -282,7 +282,8 @@ calls = 0
 def reward(completion, answer):
     global calls
     calls += 1
-    if calls > 8 and BROKEN.exists():  # 4 completions a step: the first call of step 3
+    # 6 calls of kdrl's start-up check, then 4 completions a step: the first call of step 3.
+    if calls > 6 + 8 and BROKEN.exists():
         raise ZeroDivisionError("the reward's own bug")
     return float(completion.strip() == answer)
 """
@@ -377,3 +378,47 @@ def test_malformed_teacher_reply_at_step_3_keeps_steps_1_and_2(tiny_pair, prompt
     ), str(err.value)
     assert steps_kept(out) == [1, 2]
     assert find_latest_checkpoint(out).name == "step-00000002"
+
+
+# --- Caught at start-up, not after the first rollout -----------------------------------------
+
+
+def test_a_misspelt_builtin_reward_gets_a_suggestion():
+    with pytest.raises(ConfigError, match=r"got 'exactmatch'; did you mean 'exact_match'\?"):
+        get_reward_fn("exactmatch")
+
+
+def test_a_reward_with_the_wrong_signature_is_refused_before_training(
+    tiny_pair, prompts_file, tmp_path, monkeypatch, capsys
+):
+    name = "kdrl_test_one_argument_reward"
+    (tmp_path / f"{name}.py").write_text("def reward(completion):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(["train", *base(tiny_pair, prompts_file, out, f"reward.fn={name}:reward")]) == 2
+    line = cli_error(capsys)
+    assert line.startswith(
+        f"kdrl: error: reward.fn '{name}:reward' must take (completion, answer) and return a number"
+    ), line
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_reward_that_needs_an_answer_without_an_answer_field_is_refused_before_training(
+    tiny_pair, prompts_file, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = base(tiny_pair, prompts_file, out, "data.answer_field=null")
+    assert main(["train", *args]) == 2
+    assert cli_error(capsys) == (
+        f"kdrl: error: reward.fn 'exact_match' fails on {prompts_file} line 1 (reference None, "
+        "completion '') before training: ValueError: the exact_match reward needs a reference "
+        "answer; set data.answer_field"
+    )
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_missing_eval_file_names_eval_path(tiny_pair, prompts_file, tmp_path, capsys):
+    missing = tmp_path / "held_out.jsonl"
+    args = base(tiny_pair, prompts_file, tmp_path / "run", f"eval.path={missing}")
+    assert main(["train", *args]) == 2
+    assert cli_error(capsys) == f"kdrl: error: eval.path: prompt file {missing} does not exist"

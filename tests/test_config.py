@@ -662,3 +662,15 @@ def test_validate_and_config_error_still_import_from_the_loader() -> None:
     module = importlib.import_module("kdrl.config.validate")
     assert loader.validate is module.validate is validate
     assert loader.ConfigError is module.ConfigError is ConfigError
+
+
+def test_a_value_yaml_reads_as_a_mapping_gets_a_hint_to_quote_it():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.prompt_template=Q: {question}"])
+    assert str(err.value).endswith(
+        "expected str, got {'Q': {'question': None}} (dict); YAML read the value as a mapping, "
+        "not as text: put it in quotes (on the command line data.prompt_template='\"...\"')"
+    )
+    assert load_config(None, ['data.prompt_template="Q: {question}"']).data.prompt_template == (
+        "Q: {question}"
+    )

@@ -396,3 +396,45 @@ def test_state_from_another_setup_is_refused():
     state = sampler().state_dict()
     with pytest.raises(ValueError, match="saved with seed=3, this run has seed=4"):
         sampler(seed=4).load_state_dict(state)
+
+
+# --- text the tokenizer cannot represent ---------------------------------------------------
+
+
+def test_prompt_characters_the_tokenizer_lacks_are_refused_with_row_and_characters(tok, tmp_path):
+    # The char tokenizer has no "é" or "ü": they would silently become its pad id.
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": "café über"}])
+    with pytest.raises(DataError) as err:
+        load_prompts(DataConfig(path=path, chat_template=False), tok)
+    assert str(err.value) == (
+        f"{path} line 2: the prompt has the characters 'éü', which the tokenizer cannot "
+        "represent: they become its <|pad|> id, so the model would see holes; use a tokenizer "
+        "that covers them or remove them from the data"
+    )
+
+
+def test_answer_characters_the_tokenizer_lacks_are_refused(tok, tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "reverse: ab", "answer": "bа"}]
+    )  # Cyrillic а
+    with pytest.raises(DataError, match=r"line 1: the reference answer \(data.answer_field\) has "
+                       r"the characters 'а'"):  # fmt: skip
+        load_prompts(DataConfig(path=path, answer_field="answer"), tok)
+
+
+def test_a_pad_token_written_out_in_the_text_is_not_a_hole(tmp_path):
+    tok = char_tokenizer(pad_is_eos=True)  # pad is <|im_end|>, which a row may spell out
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "say <|im_end|> please"}])
+    assert len(load_prompts(DataConfig(path=path, chat_template=False), tok).prompts) == 1
+
+
+def test_text_that_does_not_decode_back_is_warned_about(tmp_path, caplog):
+    from tokenizers import normalizers
+
+    lower = char_tokenizer()
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()  # "ABC" comes back as "abc"
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abc"}, {"prompt": "ABC"}])
+    with caplog.at_level(logging.WARNING, logger="kdrl"):
+        load_prompts(DataConfig(path=path, chat_template=False), lower)
+    assert "the tokenizer does not decode 1 prompts back to the same text" in caplog.text
+    assert "line 2" in caplog.text

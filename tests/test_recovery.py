@@ -24,7 +24,8 @@ from kdrl.cli import main, parse
 from kdrl.metrics import read_metrics
 
 TESTS = Path(__file__).parent
-# 4 completions a step (2 prompts x 2 samples): calls 9-12 are step 3's.
+# kdrl tries the reward on its first 3 rows (6 calls) before training, then 4 completions a step
+# (2 prompts x 2 samples): calls 7-10 are step 1's, 15-18 step 3's.
 FLAKY_REWARD = """
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_an_error_at_step_3_saves_step_2_and_resume_gives_the_uninterrupted_run(
     tiny_pair, prompts_file, tmp_path, monkeypatch, capsys, caplog
 ):
     # train.save_every_steps is 0 (the default): before this, nothing was kept.
-    reward = flaky_reward(tmp_path, monkeypatch, from_call=9)
+    reward = flaky_reward(tmp_path, monkeypatch, from_call=15)
     out, clean = tmp_path / "run", tmp_path / "clean"
     args = base(tiny_pair, prompts_file, out, reward, "train.max_steps=4")
     assert main(["train", *args]) == 1
@@ -108,7 +109,7 @@ def test_an_error_at_step_3_saves_step_2_and_resume_gives_the_uninterrupted_run(
 def test_an_error_in_the_first_step_leaves_a_folder_the_same_command_reuses(
     tiny_pair, prompts_file, tmp_path, monkeypatch, capsys, caplog
 ):
-    reward = flaky_reward(tmp_path, monkeypatch, from_call=1)
+    reward = flaky_reward(tmp_path, monkeypatch, from_call=7)
     out = tmp_path / "run"
     args = base(tiny_pair, prompts_file, out, reward, "train.max_steps=2")
     assert main(["train", *args]) == 1

@@ -24,6 +24,7 @@ from typing import Any
 
 from kdrl.config.schema import DataConfig
 from kdrl.config.validate import ConfigError
+from kdrl.roundtrip import TokenizerCheck
 
 logger = logging.getLogger(__name__)
 
@@ -71,27 +72,34 @@ def load_prompts(
     path: str | None = None,
     split: str | None = None,
     limit: int = 0,
+    key: str = "data.path",
 ) -> PromptSet:
     """Read and render the prompts of ``path`` (default ``cfg.path``) and ``split`` (default
-    ``cfg.split``; ignored for a local file). ``limit > 0`` keeps the first ``limit`` prompts."""
+    ``cfg.split``; ignored for a local file). ``limit > 0`` keeps the first ``limit`` prompts.
+    ``key`` is the config key that named ``path``, for error messages."""
     path = cfg.path if path is None else path
     split = cfg.split if split is None else split
     if not path:
         raise ConfigError("data.path is empty: name a prompt file or a `datasets` dataset")
     template_fields = _check_data_config(cfg, tokenizer)
-    source, n_rows, rows = _read_rows(path, cfg.name, split)
+    source, n_rows, rows = _read_rows(path, cfg.name, split, key)
     if n_rows == 0:
         raise DataError(f"{source} has no rows")
     prompts: list[Prompt] = []
     skipped: list[str] = []  # rows that `skip` dropped, and rows that `truncate_left` cut
     cut: list[str] = []
     limit_key = f"data.max_prompt_tokens={cfg.max_prompt_tokens}"
+    check, changed = TokenizerCheck(tokenizer), []
     for index, (where, fields) in enumerate(rows):
         at = f"{source} {where}"
         if not isinstance(fields, dict):
             raise DataError(f"{at}: expected an object, got {type(fields).__name__}")
         text, add_special, user = _render(cfg, tokenizer, fields, template_fields, at)
         answer = _answer(cfg, fields, at)  # checked before skipping, so no bad row goes unseen
+        _check_tokenizes(check, user, "the prompt", at)
+        _check_tokenizes(check, answer, "the reference answer (data.answer_field)", at)
+        if check.changed(user):
+            changed.append(where)
         ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
         truncated = len(ids) > cfg.max_prompt_tokens
         if truncated and cfg.overlong_prompt == "error":
@@ -109,6 +117,11 @@ def load_prompts(
         prompts.append(Prompt(index, text, ids, answer, truncated, user, at))
         if len(prompts) == limit:
             break
+    if changed:
+        logger.warning(
+            f"{source}: the tokenizer does not decode {len(changed)} prompts back to the same "
+            f"text (a normaliser, or characters it drops): {_rows(changed)}"
+        )
     if skipped:
         logger.warning(
             f"{source}: skipped {len(skipped)} prompts longer than {limit_key} "
@@ -125,6 +138,17 @@ def load_prompts(
             "data.max_prompt_tokens"
         )
     return PromptSet(prompts, source, n_rows, len(skipped))
+
+
+def _check_tokenizes(check: TokenizerCheck, text: str | None, what: str, at: str) -> None:
+    lost = check.lost(text) if text else []
+    if lost or (text and check.lost_ids(text)):
+        chars = f"the characters {''.join(lost)!r}" if lost else "some of its text"
+        raise DataError(
+            f"{at}: {what} has {chars}, which the tokenizer cannot represent: they become its "
+            f"{' / '.join(sorted(check.holes.values()))} id, so the model would see holes; use a "
+            "tokenizer that covers them or remove them from the data"
+        )
 
 
 def _rows(where: list[str], shown: int = 5) -> str:
@@ -159,7 +183,7 @@ def _check_data_config(cfg: DataConfig, tokenizer: Any) -> set[str]:
     return {re.split(r"[.\[]", name, maxsplit=1)[0] for name in names}
 
 
-def _read_rows(path: str, name: str | None, split: str) -> tuple[str, int, Iterable[Row]]:
+def _read_rows(path: str, name: str | None, split: str, key: str) -> tuple[str, int, Iterable[Row]]:
     """(source, number of rows, rows) of a local file, or of `datasets.load_dataset`."""
     file = Path(path).expanduser()
     suffix = file.suffix.lower()
@@ -174,8 +198,8 @@ def _read_rows(path: str, name: str | None, split: str) -> tuple[str, int, Itera
             raise DataError(f"{path}: cannot read the prompt file ({err})") from err
         return path, len(rows), rows
     if not file.is_dir() and (suffix in _READERS or path.startswith(("/", ".", "~"))):
-        raise DataError(f"prompt file {path} does not exist")
-    return _read_dataset(path, name, split)
+        raise DataError(f"{key}: prompt file {path} does not exist")
+    return _read_dataset(path, name, split, key)
 
 
 def _read_jsonl(file: Path) -> list[Row]:
@@ -250,7 +274,9 @@ _READERS = {
 }
 
 
-def _read_dataset(path: str, name: str | None, split: str) -> tuple[str, int, Iterable[Row]]:
+def _read_dataset(
+    path: str, name: str | None, split: str, key: str
+) -> tuple[str, int, Iterable[Row]]:
     import datasets  # slow to import, and only hub names and folders need it
 
     source = f"{path}" + (f" ({name})" if name else "") + f" split {split}"
@@ -258,7 +284,8 @@ def _read_dataset(path: str, name: str | None, split: str) -> tuple[str, int, It
         ds = datasets.load_dataset(path, name, split=split)
     except (OSError, ValueError) as err:
         # Not found, offline, unknown split or config: say which key to fix.
-        raise DataError(f"cannot load {source} (data.path / data.name / split): {err}") from err
+        split_key = key.replace("path", "split")
+        raise DataError(f"cannot load {source} ({key} / data.name / {split_key}): {err}") from err
     rows: Iterator[Row] = ((f"row {i}", item) for i, item in enumerate(ds, start=1))
     return source, len(ds), rows
 

@@ -268,7 +268,12 @@ def evaluate_model(cfg, model: str) -> dict[str, float]:
     if cfg.teacher.path and cfg.teacher.backend == "local":  # a served teacher has no logits here
         teacher = load_teacher(cfg.teacher.path, dtype=cfg.teacher.dtype, device=device)
     prompts = load_prompts(
-        cfg.data, tokenizer, path=cfg.eval.path, split=cfg.eval.split, limit=cfg.eval.max_prompts
+        cfg.data,
+        tokenizer,
+        path=cfg.eval.path,
+        split=cfg.eval.split,
+        limit=cfg.eval.max_prompts,
+        key="eval.path",
     ).prompts
     reward_fn = get_reward_fn(cfg.reward.fn)
     limits = dict(max_new_tokens=cfg.rollout.max_new_tokens, reward_fn=reward_fn,

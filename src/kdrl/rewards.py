@@ -8,7 +8,9 @@ it over a batch and turns any failure into a `RewardError` that says which promp
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import math
 import numbers
 import re
@@ -147,7 +149,9 @@ def get_reward_fn(spec: str) -> RewardFn | None:
     choices = f"one of none, {', '.join(BUILTIN_REWARDS)}, or package.module:function"
     module_name, colon, attr_path = spec.partition(":")
     if not colon or not module_name or not attr_path:
-        raise ConfigError(f"reward.fn must be {choices}, got {spec!r}")
+        close = difflib.get_close_matches(spec, ["none", *BUILTIN_REWARDS], n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"reward.fn must be {choices}, got {spec!r}{hint}")
     try:
         obj: object = importlib.import_module(module_name)
     except Exception as err:  # not found, or the module itself fails (SyntaxError, NameError)
@@ -161,6 +165,38 @@ def get_reward_fn(spec: str) -> RewardFn | None:
     if not callable(obj):
         raise ConfigError(f"reward.fn {spec!r} is a {type(obj).__name__}, not a function")
     return cast(RewardFn, obj)
+
+
+CHECK_ROWS = 3
+"""Rows `check_reward_fn` tries before training (two calls each)."""
+
+
+def check_reward_fn(fn: RewardFn, spec: str, answers: list[tuple[str, str | None]]) -> None:
+    """Call the reward function once before training, on the first rows' reference answers
+    (``answers``: (row as errors name it, answer)), as a completion equal to the reference and
+    as an empty one: a wrong signature, a missing `data.answer_field` or a function that fails
+    on its own data is found at start-up, not after the first step's rollout."""
+    try:
+        inspect.signature(fn).bind("completion", "answer")
+    except TypeError as err:
+        raise ConfigError(
+            f"reward.fn {spec!r} must take (completion, answer) and return a number: {err}"
+        ) from err
+    except ValueError:  # a builtin or C function without a signature: the calls below tell
+        pass
+    for where, answer in answers:
+        for completion in (answer or "", ""):
+            try:
+                value = fn(completion, answer)
+            except Exception as err:
+                raise ConfigError(
+                    f"reward.fn {spec!r} fails on {where} (reference {answer!r}, completion "
+                    f"{completion!r}) before training: {type(err).__name__}: {err}"
+                ) from err
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(
+                    f"reward.fn {spec!r} returned {value!r} on {where}, not a finite number"
+                )
 
 
 def compute_rewards(

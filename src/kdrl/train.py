@@ -21,7 +21,6 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kdrl.checkpoint import (
-    CheckpointError,
     capture_rng_state,
     checkpoint_path,
     find_latest_checkpoint,
@@ -57,7 +56,8 @@ from kdrl.guard import Guard
 from kdrl.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from kdrl.models import load_student, load_tokenizer, support_size
 from kdrl.nonfinite import NonFinite, skip_or_stop
-from kdrl.rewards import RewardFn, compute_rewards, get_reward_fn
+from kdrl.recover import StepStart, keep_after_failure
+from kdrl.rewards import CHECK_ROWS, RewardFn, check_reward_fn, compute_rewards, get_reward_fn
 from kdrl.rollout import Rollout, RolloutBatch, sequence_seed
 from kdrl.run_dir import prepare_output_dir
 from kdrl.sampler import PromptSampler
@@ -120,6 +120,7 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
     seed_everything(cfg.seed)
     device = device_for(ctx, cfg.train.device)
     tokenizer = load_tokenizer(cfg.student.path)
+    prompts, eval_prompts, reward_fn = load_data(cfg, tokenizer)  # before the slow model loads
     student = load_student(
         str(checkpoint) if checkpoint else cfg.student.path,
         dtype=cfg.student.dtype, gradient_checkpointing=cfg.student.gradient_checkpointing,
@@ -127,13 +128,6 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
     )  # fmt: skip
     hf_student, student = student, wrap_student(student, ctx)
     teacher_model, teacher = make_teacher(cfg, hf_student, tokenizer, device=device)
-    prompts = load_prompts(cfg.data, tokenizer).prompts
-    eval_prompts = []
-    if cfg.eval.path:
-        eval_prompts = load_prompts(
-            cfg.data, tokenizer, path=cfg.eval.path, split=cfg.eval.split,
-            limit=cfg.eval.max_prompts,
-        ).prompts  # fmt: skip
     sampler = PromptSampler(
         len(prompts), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
         epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
@@ -151,7 +145,7 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
     )  # fmt: skip
     run = Run(
         cfg, output_dir, student, tokenizer, teacher_model, teacher, rollout,
-        get_reward_fn(cfg.reward.fn), prompts, eval_prompts, sampler, optimizer, scheduler, ctx,
+        reward_fn, prompts, eval_prompts, sampler, optimizer, scheduler, ctx,
     )  # fmt: skip
     if checkpoint is not None:
         state = load_trainer_state(checkpoint, verify=False)  # verified when it was found
@@ -165,6 +159,22 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
         run.skipped_steps = state.get("skipped_steps", 0)  # absent from older checkpoints
         log.info("resumed from %s at step %d", checkpoint, run.step)
     return run
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[list[Prompt], list[Prompt], RewardFn | None]:
+    """Training and held-out prompts, and the reward function, tried on the first rows."""
+    prompts = load_prompts(cfg.data, tokenizer).prompts
+    eval_prompts = []
+    if cfg.eval.path:
+        eval_prompts = load_prompts(
+            cfg.data, tokenizer, path=cfg.eval.path, split=cfg.eval.split,
+            limit=cfg.eval.max_prompts, key="eval.path",
+        ).prompts  # fmt: skip
+    reward_fn = get_reward_fn(cfg.reward.fn)
+    if reward_fn is not None:
+        rows = [(p.where, p.answer) for p in prompts[:CHECK_ROWS]]
+        check_reward_fn(reward_fn, cfg.reward.fn, rows)
+    return prompts, eval_prompts, reward_fn
 
 
 def loss_settings(cfg: Config, step: int, vocab: int | None = None) -> LossSettings:
@@ -309,67 +319,6 @@ def save(run: Run) -> Path | None:
     return path
 
 
-@dataclass
-class StepStart:
-    """What a step starts from, kept so that a failure can still save the last completed step."""
-
-    step: int
-    optimizer_steps: int
-    """The scheduler's count of optimizer steps: unchanged means the weights are untouched."""
-    rng: dict
-    sampler: dict
-    metrics: dict[str, float] | None = None
-    """The step's training metrics while they are not yet in metrics.jsonl."""
-
-    @classmethod
-    def capture(cls, run: Run) -> StepStart:
-        return cls(
-            run.step, run.scheduler.last_epoch, capture_rng_state(), run.sampler.state_dict()
-        )
-
-
-def keep_after_failure(
-    run: Run, began: StepStart | None, last_saved: int, writer: MetricsWriter
-) -> None:
-    """An error ended the run: write a checkpoint of the last completed step, so that
-    ``--resume`` continues once the cause is fixed, or say exactly why none can be written.
-    The caller re-raises the error, whose message is then the last line."""
-    out = run.output_dir
-    if run.ctx.enabled:
-        newest = find_latest_checkpoint(out)
-        log.error("under torchrun a failing rank cannot gather the weights: no checkpoint was "
-                  "written after the error; the newest is %s", newest)  # fmt: skip
-        return
-    if began is not None and run.step == began.step:
-        if run.scheduler.last_epoch != began.optimizer_steps:
-            log.error(
-                "step %d failed after an optimizer step had changed the weights: they match no "
-                "completed step, so no checkpoint was written; the newest is %s",
-                run.step + 1, find_latest_checkpoint(out),
-            )  # fmt: skip
-            return
-        # Failed before its update: the step never happened, as when a stop abandons it.
-        restore_rng_state(began.rng)
-        run.sampler.load_state_dict(began.sampler)
-    elif began is not None and began.metrics is not None:
-        writer.write(run.step, began.metrics)  # trained, but its evaluation failed
-    if run.step == 0:
-        (out / METRICS_FILE).unlink(missing_ok=True)  # so that the same command starts over
-        log.error("the run failed before its first step was done: nothing to save; once the "
-                  "cause is fixed, run the same command again")  # fmt: skip
-        return
-    if last_saved != run.step:
-        try:
-            save(run)
-        except CheckpointError as err:
-            log.error("the run failed, and so did saving step %d: %s", run.step, err)
-            return
-    log.error(
-        "the run failed after step %d; its checkpoint is %s: once the cause is fixed, the same "
-        "command with --resume continues from it", run.step, checkpoint_path(out, run.step),
-    )  # fmt: skip
-
-
 def train(cfg: Config, *, resume: bool = False, force: bool = False, restart: bool = False) -> Path:
     """Run training to the end; returns the final checkpoint (a Hugging Face model folder).
     Stopped by SIGTERM/SIGINT, it saves a checkpoint and raises :class:`kdrl.stop.Stopped`.
@@ -448,7 +397,7 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
                 pass  # nothing of the abandoned step (or first evaluation) was kept
             except Exception:
                 bar.close()
-                keep_after_failure(run, began, last_saved, writer)
+                keep_after_failure(run, began, last_saved, writer, save=save)
                 raise
         final = checkpoint_path(output_dir, run.step)
         stopped = stop.requested and run.step < run.sampler.total_steps

@@ -238,7 +238,18 @@ def _type_error(key: str, tp: Any, value: Any, source: str) -> ConfigError:
     close = difflib.get_close_matches(str(value), choices, n=1)
     if close:
         message += f"; did you mean {close[0]!r}?"
+    elif _accepts_str(tp) and isinstance(value, Mapping | list):
+        # `Q: {question}` or `[a, b]` read as YAML: a mapping or a list, not the text meant.
+        message += (
+            "; YAML read the value as a "
+            + ("mapping" if isinstance(value, Mapping) else "list")
+            + f", not as text: put it in quotes (on the command line {key}='\"...\"')"
+        )
     return ConfigError(message)
+
+
+def _accepts_str(tp: Any) -> bool:
+    return tp is str or str in typing.get_args(tp)
 
 
 # --- Back to YAML ------------------------------------------------------------------------------

@@ -185,9 +185,11 @@ class RewardConfig:
     """The task reward used by GRPO and for accuracy."""
 
     fn: str = "none"
-    """Reward function: `none`, `gsm8k`, `math`, `exact_match`, or `package.module:function`
-    called as `fn(completion: str, answer: str | None) -> float`. `none` is for pure
-    distillation: with `teacher.rl_loss_weight` > 0, GRPO needs a reward."""
+    """Reward function: `none`, `gsm8k`, `math`, `exact_match`, `contains` (one of the
+    reference's `|`-separated alternatives appears as whole words, any case), or
+    `package.module:function` called as `fn(completion: str, answer: str | None) -> float`.
+    `none` is for pure distillation: with `teacher.rl_loss_weight` > 0, GRPO needs a reward.
+    Checked on the first rows' reference answers before training."""
     correct_threshold: float = 1.0
     """A response counts as correct (accuracy, reward-guided masking) when reward >= this."""
 
