@@ -22,6 +22,8 @@ import signal_rewards
 from kdrl.checkpoint import checkpoint_path, find_latest_checkpoint
 from kdrl.cli import main, parse
 from kdrl.metrics import read_metrics
+from kdrl.report import write_report
+from kdrl.run_dir import read_status
 
 TESTS = Path(__file__).parent
 # kdrl tries the reward on its first 3 rows (6 calls) before training, then 4 completions a step
@@ -91,12 +93,17 @@ def test_an_error_at_step_3_saves_step_2_and_resume_gives_the_uninterrupted_run(
     assert "--resume continues from it" in caplog.text
     assert find_latest_checkpoint(out) == checkpoint_path(out, 2)
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    # The report says how far it got and why it ended.
+    assert read_status(out)["state"] == "failed"
+    assert ("- steps: 2 of 4 planned, failed: RewardError: reward function "
+            in write_report(out).read_text())  # fmt: skip
     # The cause fixed, --resume finishes exactly as a run that never failed.
     (tmp_path / "broken").unlink()
     assert main(["train", *args, "--resume"]) == 0
     assert main(["train", *base(tiny_pair, prompts_file, clean, reward, "train.max_steps=4")]) == 0
     got, want = read_metrics(out), read_metrics(clean)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert read_status(out) == {"state": "finished", "step": 4, "planned": 4, "reason": ""}
     for a, b in zip(got, want, strict=True):
         for key in ("loss/total", "reward/mean", "rollout/reverse_kl", "optim/grad_norm"):
             assert a[key] == b[key], (a["step"], key)
@@ -191,3 +198,15 @@ def test_contradictory_flags_are_refused(tiny_pair, prompts_file, tmp_path, caps
     )
     assert main(["train", *args, "--resume", "--restart"]) == 2
     assert "pass one" in last_error(capsys)
+
+
+def test_max_steps_beyond_the_epochs_is_warned_about_and_the_report_shows_the_steps_run(
+    tiny_pair, prompts_file, tmp_path, caplog
+):
+    out = tmp_path / "run"
+    # 24 prompts at 8 a step: one epoch (the default) is 3 steps, not 20.
+    args = base(tiny_pair, prompts_file, out, "train.max_steps=20", "train.batch_size=8")
+    assert main(["train", *args]) == 0
+    assert ("train.max_steps=20, but train.epochs=1 over 24 prompts at train.batch_size=8 gives "
+            "3 steps: the run stops there; raise train.epochs for more") in caplog.text  # fmt: skip
+    assert "- steps: 3 of 3 planned, finished" in write_report(out).read_text()

@@ -141,9 +141,20 @@ def test_cli_train_then_eval(tiny_pair, prompts_file, tmp_path, capsys):
     metrics = json.loads(out.read_text())
     assert metrics["eval/prompts"] == 3 and metrics["eval/reverse_kl"] >= 0
     assert 0 <= metrics["eval/accuracy"] <= 1
-    # The measures a degenerate student cannot fake, printed as well as written.
-    printed = json.loads(capsys.readouterr().out)
+    # The measures a degenerate student cannot fake, printed as well as written, then the
+    # first answers side by side, and every answer in a file beside the metrics.
+    stdout = capsys.readouterr().out
+    text, _, answers = stdout.partition("\n\n[")
+    printed = json.loads(text)
     assert printed == metrics
+    lines = out.with_suffix(".answers.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 3
+    assert {"prompt", "student", "teacher", "reference", "reward"} <= set(rows[0])
+    first = f"[{rows[0]['index']}] {rows[0]['prompt']}\n  student:   {rows[0]['student']!r}\n"
+    assert answers.startswith(first[1:]), stdout
+    assert f"  reference: {rows[0]['reference']!r}" in answers
+    assert answers.count("\n\n[") == 2  # 3 answers printed by default
     new = ["reverse_kl_seq", "teacher_nll", "accuracy_greedy", "agreement_greedy", "eos_frac",
            "repeat_frac", "distinct_frac", "teacher_eos_frac", "teacher_repeat_frac",
            "teacher_distinct_frac"]  # fmt: skip

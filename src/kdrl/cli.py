@@ -87,18 +87,42 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
         help="student to evaluate: a checkpoint folder or any Hugging Face model folder/name",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, metavar="FILE", help="also write metrics as JSON")
+    parser.add_argument(
+        "--samples", type=int, default=3, metavar="N",
+        help="print the first N answers: prompt, student, teacher, reference, reward (default 3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--answers", type=Path, metavar="FILE",
+        help="write every answer as JSON lines (default with --output: FILE.answers.jsonl)",
+    )  # fmt: skip
     parser.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from kdrl.evaluate import evaluate_model
 
+    if args.samples < 0:
+        raise ValueError(f"--samples must be >= 0, got {args.samples}")
     _setup_logging()
-    metrics = evaluate_model(load_config(args.config, args.overrides), args.model)
+    metrics, rows = evaluate_model(load_config(args.config, args.overrides), args.model)
     text = json.dumps(metrics, indent=2)
     print(text)
+    for row in rows[: args.samples]:
+        print(f"\n[{row['index']}] {row['prompt']}")
+        for name in ("student", "teacher", "reference", "reward"):
+            if row.get(name) is not None:
+                print(f"  {name + ':':10s} {row[name]!r}" if name != "reward" else
+                      f"  {'reward:':10s} {row[name]:g}")  # fmt: skip
+    if args.samples and len(rows) > args.samples:
+        print(f"\n({len(rows) - args.samples} more answers: --samples N prints more, --answers "
+              "FILE writes them all)")  # fmt: skip
     if args.output:
         args.output.write_text(text + "\n", encoding="utf-8")
+    answers = args.answers or (args.output.with_suffix(".answers.jsonl") if args.output else None)
+    if answers:
+        lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+        answers.write_text("".join(lines), encoding="utf-8")
+        print(f"answers: {answers}")
     return 0
 
 

@@ -250,9 +250,20 @@ def teacher_reference(teacher, tokenizer, prompts, *, max_new_tokens, reward_fn,
     return ref, metrics
 
 
-def evaluate_model(cfg, model: str) -> dict[str, float]:
+def answer_rows(ans: Answers, reference: Answers | None) -> list[dict]:
+    """One row per prompt: the prompt as written, the student's answer and its reward, the
+    teacher's greedy answer (when there is a teacher) and the reference answer."""
+    rows = ans.rows()
+    for i, row in enumerate(rows):
+        row["student"] = row.pop("response")
+        if reference is not None:
+            row["teacher"] = reference.texts[i]
+    return rows
+
+
+def evaluate_model(cfg, model: str) -> tuple[dict[str, float], list[dict]]:
     """`kdrl eval`: load ``model`` as the student and the configured teacher, evaluate on
-    ``eval.path`` (all of it unless ``eval.max_prompts``)."""
+    ``eval.path`` (all of it unless ``eval.max_prompts``); the metrics and `answer_rows`."""
     from kdrl.data import load_prompts
     from kdrl.models import load_student, load_teacher, load_tokenizer
     from kdrl.rewards import get_reward_fn
@@ -281,13 +292,14 @@ def evaluate_model(cfg, model: str) -> dict[str, float]:
     reference, teacher_metrics = (None, {})
     if teacher is not None:
         reference, teacher_metrics = teacher_reference(teacher, tokenizer, prompts, **limits)
-    metrics, _ = evaluate(
+    metrics, ans = evaluate(
         student, tokenizer, prompts, teacher=teacher, reference=reference,
         temperature=cfg.eval.temperature, greedy=cfg.eval.greedy,
         student_temperature=cfg.rollout.temperature, teacher_temperature=cfg.teacher.temperature,
         max_tokens_per_mb=cfg.teacher.mb_spec.max_tokens_per_mb, **limits,
     )  # fmt: skip
-    return {"eval/prompts": float(len(prompts)), **metrics, **teacher_metrics}
+    metrics = {"eval/prompts": float(len(prompts)), **metrics, **teacher_metrics}
+    return metrics, answer_rows(ans, reference)
 
 
 def run_eval(run: Run) -> dict[str, float]:

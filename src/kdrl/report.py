@@ -24,6 +24,7 @@ from kdrl.config import Config, ConfigError, load_config
 from kdrl.degeneracy import REPEAT_N
 from kdrl.metrics import METRICS_FILE, read_metrics
 from kdrl.plots import draw_plots, finite, first_finite
+from kdrl.run_dir import read_status
 from kdrl.verdict import Verdict, run_verdict
 
 REPORT_FILE = "report.md"
@@ -70,6 +71,8 @@ class _Run:
     config: Config | None
     student_samples: list[tuple[int, list[dict]]]  # (step, rows), by step
     teacher_samples: list[dict] | None
+    status: dict | None = None
+    """How the run ended (`kdrl.run_dir.write_status`); None for a run still going."""
 
 
 def write_report(run_dir: Path) -> Path:
@@ -82,7 +85,7 @@ def write_report(run_dir: Path) -> Path:
     if verdict is not None:
         sections.append(f"## Verdict\n\n{verdict.text}")
     if run.config is not None:
-        sections.append(_run_section(run.config))
+        sections.append(_run_section(run.config, _steps(run)))
     sections.append("## Before and after training\n\n" + _markdown(run, _task_columns(run)))
     limit = f" within the {run.config.rollout.max_new_tokens}-token limit" if run.config else ""
     sections.append(
@@ -146,6 +149,7 @@ def _load_run(run_dir: Path) -> _Run:
         config=_load_config(config_path) if config_path.exists() else None,
         student_samples=sorted(student, key=lambda item: item[0]),
         teacher_samples=_read_jsonl(teacher) if teacher.is_file() else None,
+        status=read_status(run_dir),
     )
 
 
@@ -269,17 +273,28 @@ def _kl_note(records: list[dict]) -> str | None:
     )
 
 
-def _run_section(cfg: Config) -> str:
+def _steps(run: _Run) -> str:
+    """The steps that ran, of how many planned, and how the run ended."""
+    status = run.status
+    done = max((r["step"] for r in run.records), default=0)
+    if status is None:
+        return f"{done} (the run has not ended, or predates status.json)"
+    text = f"{status['step']} of {status['planned']} planned"
+    if status["state"] == "finished":
+        return text + ", finished"
+    return text + f", {status['state']}: {status['reason']} (kdrl train ... --resume continues)"
+
+
+def _run_section(cfg: Config, steps: str) -> str:
     weight = f"{cfg.teacher.distill_loss_weight:g}"
     if cfg.teacher.distill_loss_weight_final is not None:
         weight += f" → {cfg.teacher.distill_loss_weight_final:g}"
-    steps = cfg.train.max_steps or f"{cfg.train.epochs} epoch(s)"
     items = {
         "student": f"`{cfg.student.path}`",
         "teacher": f"`{cfg.teacher.path}`" if cfg.teacher.path else "none (GRPO only)",
         "distillation loss": f"`{cfg.teacher.kd_estimator}`, weight {weight}",
         "GRPO loss weight": f"{cfg.teacher.rl_loss_weight:g} (reward `{cfg.reward.fn}`)",
-        "steps": str(steps),
+        "steps": steps,
         "batch": f"{cfg.train.batch_size} prompts × {cfg.rollout.n_samples} samples",
         "learning rate": f"{cfg.optim.lr:g}",
     }

@@ -3,6 +3,7 @@ different configuration unless told to."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -122,3 +123,21 @@ def _move_aside(out: Path) -> Path:
             path.rename(target / path.name)
     log.warning("--restart: the previous run's files are now in %s", target)
     return target
+
+
+STATUS_FILE = "status.json"
+
+
+def write_status(out: Path, *, state: str, step: int, planned: int, reason: str = "") -> None:
+    """``status.json``: how the run ended (``finished``, ``stopped`` or ``failed``), after which
+    step of how many planned, and why, for ``kdrl report``. Rewritten at every end."""
+    status = {"state": state, "step": step, "planned": planned, "reason": reason}
+    (out / STATUS_FILE).write_text(json.dumps(status) + "\n", encoding="utf-8")
+
+
+def read_status(out: Path) -> dict | None:
+    """What `write_status` wrote, or None (a run still going, or older than status files)."""
+    try:
+        return json.loads((out / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

@@ -59,7 +59,7 @@ from kdrl.nonfinite import NonFinite, skip_or_stop
 from kdrl.recover import StepStart, keep_after_failure
 from kdrl.rewards import CHECK_ROWS, RewardFn, check_reward_fn, compute_rewards, get_reward_fn
 from kdrl.rollout import Rollout, RolloutBatch, sequence_seed
-from kdrl.run_dir import prepare_output_dir
+from kdrl.run_dir import prepare_output_dir, write_status
 from kdrl.sampler import PromptSampler
 from kdrl.schedule import build_optimizer, distill_weight
 from kdrl.stop import StepAbandoned, StopRequest, abandon_point, handle_stop_signals, skippable
@@ -132,6 +132,13 @@ def build(cfg: Config, output_dir: Path, checkpoint: Path | None, ctx: DistConte
         len(prompts), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
         epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
     )  # fmt: skip
+    if cfg.train.max_steps > sampler.total_steps and ctx.is_main:
+        log.warning(
+            "train.max_steps=%d, but train.epochs=%d over %d prompts at train.batch_size=%d "
+            "gives %d steps: the run stops there; raise train.epochs for more",
+            cfg.train.max_steps, cfg.train.epochs, len(prompts), cfg.train.batch_size,
+            sampler.total_steps,
+        )  # fmt: skip
     optimizer, scheduler = build_optimizer(
         student, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -395,9 +402,13 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
                         last_saved = run.step
             except StepAbandoned:
                 pass  # nothing of the abandoned step (or first evaluation) was kept
-            except Exception:
+            except Exception as err:
                 bar.close()
                 keep_after_failure(run, began, last_saved, writer, save=save)
+                if ctx.is_main:
+                    write_status(output_dir, state="failed", step=run.step,
+                                 planned=run.sampler.total_steps,
+                                 reason=f"{type(err).__name__}: {err}")  # fmt: skip
                 raise
         final = checkpoint_path(output_dir, run.step)
         stopped = stop.requested and run.step < run.sampler.total_steps
@@ -405,6 +416,10 @@ def _loop(run: Run, checkpoint: Path | None, stop: StopRequest) -> Path:
             final = None  # nothing trained yet: nothing to save
         elif last_saved != run.step:
             save(run)
+    if ctx.is_main:
+        write_status(output_dir, state="stopped" if stopped else "finished", step=run.step,
+                     planned=run.sampler.total_steps,
+                     reason=f"stopped by {stop.name}" if stopped else "")  # fmt: skip
     if stopped:  # raises kdrl.stop.Stopped
         stop.finish(run.step, run.sampler.total_steps, final, output_dir, main=ctx.is_main)
     if ctx.is_main and run.eval_prompts:
